@@ -1,0 +1,3 @@
+"""triage: radiology triage beside the PACS."""
+
+__version__ = "0.1.0"

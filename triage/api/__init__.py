@@ -1,0 +1,1 @@
+"""HTTP: JSON API, the web worklist page, health and metrics."""

@@ -1,0 +1,1 @@
+"""Command lines: ``triage`` (the daemon and the worker) and ``triage-admin``."""

@@ -1,0 +1,285 @@
+"""One typed Settings object: a TOML file overlaid by ``TRIAGE_<FIELD>`` environment variables.
+
+Settings are built once at start (``Settings.load``) and passed down; nothing here runs at import
+time. List and table fields given in the environment are JSON, for example
+``TRIAGE_DESTINATIONS='["PACS@10.0.0.5:104"]'``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from triage.errors import ConfigError
+
+CONFIG_ENV_VAR = "TRIAGE_CONFIG"
+
+# PS3.5 6.2: an AE title is 1-16 characters of the default repertoire, no backslash or control
+# characters, and not only spaces.
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+
+def _check_ae_title(value: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError(
+            "an AE title is 1 to 16 printable ASCII characters, not only spaces, no backslash"
+        )
+    return value.strip()
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Caller(_Model):
+    """A calling AE allowed to associate; ``host`` pins it to one address."""
+
+    ae_title: AETitle
+    host: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_short_form(cls, value: Any) -> Any:
+        # "MODALITY" or "MODALITY@10.0.0.7"
+        if isinstance(value, str):
+            ae_title, _, host = value.partition("@")
+            return {"ae_title": ae_title, "host": host or None}
+        return value
+
+
+class TlsFiles(_Model):
+    """TLS material for a listener or a DIMSE destination (TLS 1.2 at least)."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None
+    require_client_cert: bool = False
+
+
+_DIMSE_SHORT = re.compile(r"^(?P<ae_title>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d+)$")
+
+
+class DimseDestination(_Model):
+    """A PACS that takes our results by C-STORE."""
+
+    kind: Literal["dimse"] = "dimse"
+    name: str = ""
+    ae_title: AETitle
+    host: str
+    port: Port
+    tls: TlsFiles | None = None
+
+    @model_validator(mode="after")
+    def _default_name(self) -> DimseDestination:
+        if not self.name:
+            object.__setattr__(self, "name", f"{self.ae_title}@{self.host}:{self.port}")
+        return self
+
+
+class DicomWebDestination(_Model):
+    """A PACS that takes our results by STOW-RS at ``url`` (the DICOMweb base URL)."""
+
+    kind: Literal["dicomweb"] = "dicomweb"
+    name: str = ""
+    url: Annotated[str, Field(pattern=r"^https?://")]
+    token: SecretStr | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    ca_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _default_name(self) -> DicomWebDestination:
+        if not self.name:
+            object.__setattr__(self, "name", self.url)
+        return self
+
+
+def _destination_from_short_form(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    if value.startswith(("http://", "https://")):
+        return {"kind": "dicomweb", "url": value}
+    match = _DIMSE_SHORT.match(value)
+    if match is None:
+        raise ValueError(f"{value!r} is neither AE@host:port nor an http(s) DICOMweb URL")
+    return {"kind": "dimse", **match.groupdict()}
+
+
+def _with_kind(value: Any) -> Any:
+    value = _destination_from_short_form(value)
+    if isinstance(value, dict) and "kind" not in value:
+        value = {**value, "kind": "dicomweb" if "url" in value else "dimse"}
+    return value
+
+
+Destination = Annotated[
+    DimseDestination | DicomWebDestination,
+    Field(discriminator="kind"),
+    BeforeValidator(_with_kind),
+]
+
+
+def _check_regex(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from exc
+    return value
+
+
+Pattern = Annotated[str | None, AfterValidator(_check_regex)]
+
+
+class RoutingRule(_Model):
+    """Which models run on a completed study. Every condition given must match; patterns are
+    case-insensitive regular expressions searched in the DICOM attribute."""
+
+    name: str
+    models: list[str] = Field(min_length=1)
+    modalities: list[str] = Field(default_factory=list)
+    body_part: Pattern = None
+    study_description: Pattern = None
+    series_description: Pattern = None
+    calling_ae: Pattern = None
+
+
+def _default_rules() -> list[RoutingRule]:
+    return [
+        RoutingRule(
+            name="head-ct",
+            models=["ct-head-hyperdensity"],
+            modalities=["CT"],
+            body_part=r"HEAD|BRAIN|SKULL",
+        )
+    ]
+
+
+class Settings(BaseSettings):
+    """Everything triage can be told. Field names are the TOML keys; ``TRIAGE_<FIELD>`` overrides.
+
+    Keyword arguments stand for the file's values: the environment wins over them.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="TRIAGE_", extra="forbid", frozen=True, validate_default=True
+    )
+
+    # DICOM listener
+    ae_title: AETitle = "TRIAGE"
+    dicom_host: str = "0.0.0.0"  # noqa: S104 - a PACS on another host must reach us
+    dicom_port: Port = 11112
+    allowed_callers: list[Caller] = Field(default_factory=list)
+    max_associations: Annotated[int, Field(ge=1, le=256)] = 16
+    max_pdu_bytes: Annotated[int, Field(ge=0)] = 131072
+    network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    dimse_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    tls: TlsFiles | None = None
+    spool_min_free_mb: Annotated[int, Field(ge=0)] = 1024
+
+    # Study completion
+    study_quiet_seconds: Annotated[float, Field(gt=0)] = 60.0
+    association_grace_seconds: Annotated[float, Field(ge=0)] = 3.0
+
+    # HTTP
+    http_host: str = "127.0.0.1"
+    http_port: Port = 8080
+
+    # Storage and services
+    data_dir: Path = Path("./triage-data")
+    database_url: str = ""
+    broker_url: str = ""
+    workers: Annotated[int, Field(ge=0, le=64)] = 1
+    # Redis redelivers an unacknowledged task after this long: keep it above the slowest job.
+    visibility_timeout_seconds: Annotated[float, Field(gt=0)] = 3600.0
+
+    # Results and routing
+    destinations: list[Destination] = Field(default_factory=list)
+    models_dir: Path | None = None
+    routing_rules: list[RoutingRule] = Field(default_factory=_default_rules)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _derive_paths(self) -> Settings:
+        data_dir = self.data_dir.expanduser().resolve()
+        object.__setattr__(self, "data_dir", data_dir)
+        if not self.database_url:
+            object.__setattr__(self, "database_url", f"sqlite:///{data_dir / 'triage.sqlite'}")
+        return self
+
+    @property
+    def embedded_broker(self) -> bool:
+        """True when no broker is configured and triage runs its own on SQLite."""
+        return not self.broker_url
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Keyword arguments carry the file's values, so the environment overrides them.
+        return (env_settings, init_settings)
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **overrides: Any) -> Settings:
+        """Build the settings from ``config_file`` (or ``$TRIAGE_CONFIG``) and the environment.
+
+        Raises ConfigError with one line naming the field and the reason.
+        """
+        path = config_file or (Path(p) if (p := os.environ.get(CONFIG_ENV_VAR)) else None)
+        data = _read_toml(path) if path else {}
+        try:
+            return cls(**{**data, **overrides})
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc)) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"configuration file {path} cannot be read: {exc.strerror}") from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per settings error, joined: ``field: reason (got 'value')``."""
+    parts = []
+    for error in exc.errors():
+        loc = ".".join(str(p) for p in error["loc"] if not str(p).startswith("function-"))
+        shown = error.get("input")
+        got = f" (got {shown!r})" if isinstance(shown, str | int | float) else ""
+        parts.append(f"{loc or 'settings'}: {error['msg']}{got}")
+    return "invalid configuration: " + "; ".join(parts)

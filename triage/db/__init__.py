@@ -1,0 +1,1 @@
+"""SQLAlchemy models, engine and session scope, migrations and keyword-only queries."""

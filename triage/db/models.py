@@ -1,0 +1,338 @@
+"""Tables for the whole system. The database is the source of truth; Celery messages carry ids.
+
+Lengths follow the DICOM value representations: UI 64, AE 16, CS 16, LO 64, SH 16, PN 64 per
+component group (five groups and separators fit in 324).
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from triage.db.base import Base, UTCDateTime, enum_type, utcnow
+
+UID = String(64)
+AE = String(16)
+
+
+class StudyStatus(enum.StrEnum):
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    ANALYZING = "analyzing"
+    ANALYZED = "analyzed"
+    FAILED = "failed"
+
+
+class InstanceState(enum.StrEnum):
+    STORED = "stored"
+    MISSING = "missing"  # indexed, but its spool file was not found at reconciliation
+
+
+class WorkState(enum.StrEnum):
+    """State of a job or a delivery."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class ResultKind(enum.StrEnum):
+    SEG = "seg"
+    SR = "sr"
+
+
+class Tier(enum.StrEnum):
+    CRITICAL = "critical"
+    URGENT = "urgent"
+    ROUTINE = "routine"
+
+
+class ReadingState(enum.StrEnum):
+    UNREAD = "unread"
+    CLAIMED = "claimed"
+    READ = "read"
+
+
+class PeerKind(enum.StrEnum):
+    DIMSE = "dimse"
+    DICOMWEB = "dicomweb"
+
+
+class TokenRole(enum.StrEnum):
+    RADIOLOGIST = "radiologist"
+    ADMIN = "admin"
+
+
+def _created() -> Mapped[datetime]:
+    return mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_uid: Mapped[str] = mapped_column(UID, unique=True)
+    status: Mapped[StudyStatus] = mapped_column(
+        enum_type(StudyStatus), default=StudyStatus.RECEIVING, index=True
+    )
+    status_reason: Mapped[str | None] = mapped_column(String(500))
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    study_time: Mapped[str | None] = mapped_column(String(16))
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    modalities: Mapped[str | None] = mapped_column(String(64))
+    order_priority: Mapped[str | None] = mapped_column(String(16))
+    calling_ae: Mapped[str | None] = mapped_column(AE)
+    expected_instances: Mapped[int | None] = mapped_column(Integer)
+    analysis_round: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[datetime] = _created()
+    last_received_at: Mapped[datetime] = _created()
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+    series: Mapped[list[Series]] = relationship(back_populates="study", cascade="all, delete")
+    jobs: Mapped[list[Job]] = relationship(back_populates="study", cascade="all, delete")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    series_uid: Mapped[str] = mapped_column(UID, unique=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part: Mapped[str | None] = mapped_column(String(16))
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = _created()
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series", cascade="all, delete")
+
+
+class Instance(Base):
+    """One stored object. A re-send with other content under the same UID is a new version."""
+
+    __tablename__ = "instances"
+    __table_args__ = (UniqueConstraint("sop_instance_uid", "version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    file_id: Mapped[str] = mapped_column(String(36), unique=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    state: Mapped[InstanceState] = mapped_column(
+        enum_type(InstanceState), default=InstanceState.STORED
+    )
+    calling_ae: Mapped[str | None] = mapped_column(AE)
+    received_at: Mapped[datetime] = _created()
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Job(Base):
+    """One model run on one study; re-analysis re-queues the same row with a higher round."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("study_id", "model_name", "model_version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(32))
+    state: Mapped[WorkState] = mapped_column(
+        enum_type(WorkState), default=WorkState.QUEUED, index=True
+    )
+    round: Mapped[int] = mapped_column(Integer, default=1)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    reason: Mapped[str | None] = mapped_column(Text)
+    series_uid: Mapped[str | None] = mapped_column(UID)
+    timings: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    queued_at: Mapped[datetime] = _created()
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    touched_at: Mapped[datetime] = _created()
+
+    study: Mapped[Study] = relationship(back_populates="jobs")
+    findings: Mapped[list[Finding]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", order_by="Finding.ordinal"
+    )
+    results: Mapped[list[ResultObject]] = relationship(back_populates="job", cascade="all, delete")
+
+
+class Finding(Base):
+    """A model output: a study-level score or one detected lesion."""
+
+    __tablename__ = "findings"
+    __table_args__ = (UniqueConstraint("job_id", "ordinal"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    ordinal: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))
+    label: Mapped[str] = mapped_column(String(64))
+    code_scheme: Mapped[str] = mapped_column(String(16))
+    code_value: Mapped[str] = mapped_column(String(16))
+    code_meaning: Mapped[str] = mapped_column(String(64))
+    probability: Mapped[float] = mapped_column(Float)
+    positive: Mapped[bool] = mapped_column(Boolean)
+    volume_ml: Mapped[float | None] = mapped_column(Float)
+    location: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    mask_ref: Mapped[str | None] = mapped_column(String(255))
+
+    job: Mapped[Job] = relationship(back_populates="findings")
+
+
+class ResultObject(Base):
+    """A SEG or SR we built for a job; its UIDs are derived, so a re-run replaces it."""
+
+    __tablename__ = "result_objects"
+    __table_args__ = (UniqueConstraint("job_id", "kind"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[ResultKind] = mapped_column(enum_type(ResultKind))
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    series_uid: Mapped[str] = mapped_column(UID)
+    file_id: Mapped[str] = mapped_column(String(36), unique=True)
+    round: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = _created()
+
+    job: Mapped[Job] = relationship(back_populates="results")
+    deliveries: Mapped[list[Delivery]] = relationship(
+        back_populates="result", cascade="all, delete"
+    )
+
+
+class Delivery(Base):
+    """One result object owed to one destination."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("result_id", "destination"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    result_id: Mapped[int] = mapped_column(
+        ForeignKey("result_objects.id", ondelete="CASCADE"), index=True
+    )
+    destination: Mapped[str] = mapped_column(String(128))
+    state: Mapped[WorkState] = mapped_column(
+        enum_type(WorkState), default=WorkState.QUEUED, index=True
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = _created()
+    touched_at: Mapped[datetime] = _created()
+
+    result: Mapped[ResultObject] = relationship(back_populates="deliveries")
+
+
+class WorklistEntry(Base):
+    """Where a study stands on the reading worklist, and who is reading it."""
+
+    __tablename__ = "worklist_entries"
+    __table_args__ = (Index("ix_worklist_order", "reading_state", "tier_rank", "score"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), unique=True)
+    tier: Mapped[Tier] = mapped_column(enum_type(Tier), default=Tier.ROUTINE)
+    tier_rank: Mapped[int] = mapped_column(Integer, default=2)
+    score: Mapped[float] = mapped_column(Float, default=0.0)
+    reason: Mapped[str] = mapped_column(String(500), default="")
+    due_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    reading_state: Mapped[ReadingState] = mapped_column(
+        enum_type(ReadingState), default=ReadingState.UNREAD
+    )
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    claim_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    read_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+
+class PriorityChange(Base):
+    """Every change of a study's priority, with the reason shown to radiologists."""
+
+    __tablename__ = "priority_changes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    changed_at: Mapped[datetime] = _created()
+    old_tier: Mapped[Tier | None] = mapped_column(enum_type(Tier))
+    new_tier: Mapped[Tier] = mapped_column(enum_type(Tier))
+    old_score: Mapped[float | None] = mapped_column(Float)
+    new_score: Mapped[float] = mapped_column(Float)
+    reason: Mapped[str] = mapped_column(String(500))
+
+
+class Peer(Base):
+    """A DICOM or DICOMweb node an administrator added with ``triage-admin peers add``."""
+
+    __tablename__ = "peers"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    kind: Mapped[PeerKind] = mapped_column(enum_type(PeerKind))
+    ae_title: Mapped[str | None] = mapped_column(AE)
+    host: Mapped[str | None] = mapped_column(String(255))
+    port: Mapped[int | None] = mapped_column(Integer)
+    url: Mapped[str | None] = mapped_column(String(1024))
+    is_destination: Mapped[bool] = mapped_column(Boolean, default=True)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = _created()
+
+
+class ApiToken(Base):
+    """A bearer token for the HTTP API; only its SHA-256 is kept."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[TokenRole] = mapped_column(enum_type(TokenRole))
+    created_at: Mapped[datetime] = _created()
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class AuditEvent(Base):
+    """Something an administrator may need to see later: rejections, new versions, retries.
+
+    ``detail`` holds UIDs, AE titles, counts and reasons: never patient data.
+    """
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    kind: Mapped[str] = mapped_column(String(32), index=True)
+    actor: Mapped[str | None] = mapped_column(String(64))
+    study_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -1,0 +1,1 @@
+"""Celery workers: inference and result dispatch. Imports triage, never the reverse."""
