@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
+from collections.abc import Iterator
+from types import FrameType
 
 import uvicorn
 from prometheus_client import CollectorRegistry
@@ -16,27 +21,44 @@ from triage.db.session import create_db_engine, make_session_factory
 log = logging.getLogger(__name__)
 
 
+class _HttpServer(uvicorn.Server):
+    """uvicorn without its own signal handling: TriageService decides when to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 class TriageService:
-    """Owns the database engine and the HTTP server for one ``triage serve`` process."""
+    """Owns the database engine and the servers of one ``triage serve`` process."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.engine = create_db_engine(settings.database_url)
         self.session_factory = make_session_factory(self.engine)
         self.registry = CollectorRegistry()
+        self.stopping = threading.Event()
+        self._http: _HttpServer | None = None
+
+    def stop(self) -> None:
+        """Ask every component to finish; safe from a signal handler or another thread."""
+        self.stopping.set()
+        if self._http is not None:
+            self._http.should_exit = True
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        self.stop()
 
     def run(self) -> None:
-        """Upgrade the schema, then serve until SIGINT or SIGTERM."""
+        """Upgrade the schema, then serve until SIGINT or SIGTERM (exit status 0)."""
         settings = self.settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         migrate.upgrade(self.engine)
-        log.info(
-            "triage %s starting",
-            __version__,
-            extra={"data_dir": settings.data_dir, "http_port": settings.http_port},
-        )
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
         app = create_app(settings, self.session_factory, self.registry)
-        server = uvicorn.Server(
+        self._http = _HttpServer(
             uvicorn.Config(
                 app,
                 host=settings.http_host,
@@ -45,8 +67,14 @@ class TriageService:
                 access_log=False,
             )
         )
+        log.info(
+            "triage %s serving",
+            __version__,
+            extra={"data_dir": settings.data_dir, "http_port": settings.http_port},
+        )
         try:
-            server.run()
+            if not self.stopping.is_set():
+                self._http.run()
         finally:
             self.engine.dispose()
             log.info("triage stopped")

@@ -1,0 +1,69 @@
+"""Run a real process for a test and wait until it is ready; its output goes to a log file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def wait_for(condition: Callable[[], bool], *, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def running(
+    argv: list[str],
+    *,
+    log_file: Path,
+    env: Mapping[str, str] | None = None,
+    ready: Callable[[], bool] | None = None,
+    timeout: float = 60.0,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start ``argv``; wait for ``ready``; on exit send SIGTERM, then SIGKILL after 15 s."""
+    full_env = {**os.environ, **(env or {})}
+    with log_file.open("ab") as log:
+        process = subprocess.Popen(
+            argv, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        if ready is not None:
+
+            def alive_and_ready() -> bool:
+                if process.poll() is not None:
+                    raise RuntimeError(
+                        f"{argv[0]} exited with {process.returncode}:\n{log_file.read_text()}"
+                    )
+                return ready()
+
+            wait_for(alive_and_ready, timeout=timeout, what=f"{Path(argv[0]).name} to be ready")
+        yield process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
