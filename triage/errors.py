@@ -23,6 +23,10 @@ class DicomInputError(PermanentError):
     """A received or imported dataset that cannot be used."""
 
 
+class DatasetMismatchError(DicomInputError):
+    """The dataset's SOP Class or Instance UID is not the one the C-STORE request named."""
+
+
 class OutOfResourcesError(RetryableError):
     """The spool is below its free-space reserve or the system applies backpressure."""
 

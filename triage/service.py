@@ -17,6 +17,11 @@ from triage.api.app import create_app
 from triage.config import Settings
 from triage.db import migrate
 from triage.db.session import create_db_engine, make_session_factory
+from triage.ingest.completion import StudyCompletionWatcher
+from triage.ingest.pipeline import Ingestor
+from triage.metrics import IngestMetrics
+from triage.receiver.scp import DicomListener
+from triage.receiver.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +35,30 @@ class _HttpServer(uvicorn.Server):
 
 
 class TriageService:
-    """Owns the database engine and the servers of one ``triage serve`` process."""
+    """Owns the database engine, the DICOM listener, the completion watcher and the HTTP server
+    of one ``triage serve`` process."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.engine = create_db_engine(settings.database_url)
         self.session_factory = make_session_factory(self.engine)
         self.registry = CollectorRegistry()
+        self.metrics = IngestMetrics(self.registry)
         self.stopping = threading.Event()
         self._http: _HttpServer | None = None
+        self.spool = Spool(
+            settings.data_dir / "spool", min_free_bytes=settings.spool_min_free_mb * 1024 * 1024
+        )
+        self.watcher = StudyCompletionWatcher(settings, self.session_factory)
+        self.listener = DicomListener(
+            settings,
+            ingestor=Ingestor(
+                spool=self.spool, session_factory=self.session_factory, metrics=self.metrics
+            ),
+            session_factory=self.session_factory,
+            metrics=self.metrics,
+            on_association_end=self.watcher.association_ended,
+        )
 
     def stop(self) -> None:
         """Ask every component to finish; safe from a signal handler or another thread."""
@@ -53,8 +73,9 @@ class TriageService:
     def run(self) -> None:
         """Upgrade the schema, then serve until SIGINT or SIGTERM (exit status 0)."""
         settings = self.settings
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
         migrate.upgrade(self.engine)
+        if cleared := self.spool.clear_tmp():
+            log.info("removed %d partial spool writes left by a crash", cleared)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         app = create_app(settings, self.session_factory, self.registry)
@@ -72,9 +93,17 @@ class TriageService:
             __version__,
             extra={"data_dir": settings.data_dir, "http_port": settings.http_port},
         )
+        watcher = threading.Thread(
+            target=self.watcher.run, args=(self.stopping,), name="completion", daemon=True
+        )
+        self.listener.start()
+        watcher.start()
         try:
             if not self.stopping.is_set():
                 self._http.run()
         finally:
+            self.stopping.set()
+            self.listener.stop()
+            watcher.join(timeout=5)
             self.engine.dispose()
             log.info("triage stopped")

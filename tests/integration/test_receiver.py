@@ -1,0 +1,342 @@
+"""The DICOM listener against real peers on loopback: DCMTK's echoscu/storescu and pynetdicom."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
+from sqlalchemy import func, select
+
+from tests.helpers.instances import (
+    SentStudy,
+    ct_study,
+    dataset_body,
+    dataset_bytes_of,
+    pydicom_file,
+    raw_file,
+)
+from tests.helpers.process import wait_for
+from triage.config import Settings
+from triage.db import migrate
+from triage.db.models import AuditEvent, Instance, Study, StudyStatus
+from triage.db.session import create_db_engine, make_session_factory, session_scope
+from triage.dicom import status
+from triage.ingest.completion import StudyCompletionWatcher
+from triage.ingest.pipeline import Ingestor
+from triage.metrics import IngestMetrics
+from triage.receiver.scp import DicomListener, set_nodelay
+from triage.receiver.spool import Spool
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+@dataclass
+class Receiver:
+    settings: Settings
+    listener: DicomListener
+    watcher: StudyCompletionWatcher
+    spool: Spool
+    session_factory: object
+
+    @property
+    def port(self) -> int:
+        return self.listener.port
+
+    def count(self, model: type, *where: object) -> int:
+        with session_scope(self.session_factory) as session:  # type: ignore[arg-type]
+            return int(session.scalar(select(func.count()).select_from(model).where(*where)) or 0)
+
+    def study(self, study_uid: str) -> Study | None:
+        with session_scope(self.session_factory) as session:  # type: ignore[arg-type]
+            return session.scalar(select(Study).where(Study.study_uid == study_uid))
+
+
+@pytest.fixture
+def receiver(settings: Settings) -> Iterator[Receiver]:
+    settings = settings.model_copy(update={"allowed_callers": []})
+    engine = create_db_engine(settings.database_url)
+    migrate.upgrade(engine)
+    factory = make_session_factory(engine)
+    metrics = IngestMetrics(CollectorRegistry())
+    spool = Spool(settings.data_dir / "spool", min_free_bytes=1)
+    watcher = StudyCompletionWatcher(settings, factory)
+    listener = DicomListener(
+        settings,
+        ingestor=Ingestor(spool=spool, session_factory=factory, metrics=metrics),
+        session_factory=factory,
+        metrics=metrics,
+        on_association_end=watcher.association_ended,
+    )
+    listener.start()
+    yield Receiver(settings, listener, watcher, spool, factory)
+    listener.stop()
+    engine.dispose()
+
+
+def storescu(port: int, *paths: Path, calling: str = "STORESCU", called: str = "TRIAGE") -> int:
+    result = subprocess.run(
+        ["storescu", "-aet", calling, "-aec", called, "127.0.0.1", str(port), *map(str, paths)],
+        env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    return result.returncode
+
+
+def send_files(port: int, *paths: Path, calling: str = "PYNETDICOM") -> list[int]:
+    """Send files byte for byte with pynetdicom, one association; return each status.
+
+    pynetdicom's chunked mode sends a file's dataset as it is on disk, never re-encoded.
+    """
+    ae = AE(ae_title=calling)
+    pairs = set()
+    for path in paths:
+        meta = dcmread(path, stop_before_pixels=True).file_meta
+        pairs.add((meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID))
+    for sop_class, syntax in sorted(pairs):
+        ae.add_requested_context(sop_class, syntax)
+    assoc = ae.associate("127.0.0.1", port, ae_title="TRIAGE", evt_handlers=[])
+    assert assoc.is_established
+    chunked = pynetdicom_config.STORE_SEND_CHUNKED_DATASET
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        set_nodelay(type("E", (), {"assoc": assoc})())
+        return [int(assoc.send_c_store(path).Status) for path in paths]
+    finally:
+        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = chunked
+        assoc.release()
+
+
+def test_echoscu(receiver: Receiver) -> None:
+    result = subprocess.run(
+        ["echoscu", "-aec", "TRIAGE", "127.0.0.1", str(receiver.port)],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_storescu_series_is_spooled_and_indexed(receiver: Receiver, tmp_path: Path) -> None:
+    sent = ct_study(tmp_path / "in", 12)
+    assert storescu(receiver.port, *sent.paths) == 0
+    assert receiver.count(Instance) == 12
+    with session_scope(receiver.session_factory) as session:  # type: ignore[arg-type]
+        rows = session.scalars(select(Instance)).all()
+        by_uid = {row.sop_instance_uid: row for row in rows}
+    for path in sent.paths:
+        original = dcmread(path)
+        row = by_uid[original.SOPInstanceUID]
+        stored = dcmread(receiver.spool.path_for(row.file_id))
+        assert stored.PixelData == original.PixelData
+        assert row.file_id not in str(original.SOPInstanceUID)
+        assert row.transfer_syntax_uid == str(stored.file_meta.TransferSyntaxUID)
+    study = receiver.study(sent.study_uid)
+    assert study is not None
+    assert study.status == StudyStatus.RECEIVING
+    assert study.modalities == "CT"
+
+
+def test_identical_resend_adds_nothing_and_changed_content_is_a_new_version(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    sent = ct_study(tmp_path / "in", 3)
+    assert storescu(receiver.port, *sent.paths) == 0
+    assert storescu(receiver.port, *sent.paths) == 0
+    assert receiver.count(Instance) == 3
+    assert len(list(receiver.spool.stored_ids())) == 3
+
+    changed = dcmread(sent.paths[0])
+    changed.WindowCenter = 123
+    changed.save_as(sent.paths[0])
+    assert send_files(receiver.port, sent.paths[0]) == [status.SUCCESS]
+    assert receiver.count(Instance) == 4
+    assert receiver.count(Instance, Instance.version == 2) == 1
+    assert receiver.count(AuditEvent, AuditEvent.kind == "new_version") == 1
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "CT_small.dcm",  # explicit VR little endian
+        "MR_small_implicit.dcm",
+        "MR_small_bigendian.dcm",
+        "image_dfl.dcm",  # deflated explicit VR little endian
+        "MR_small_RLE.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "MR_small_jp2klossless.dcm",
+        "JPEG2000.dcm",
+        "SC_rgb_jpeg_dcmtk.dcm",  # JPEG baseline
+        "JPEG-LL.dcm",  # JPEG lossless
+        "SC_rgb_rle.dcm",
+    ],
+)
+def test_transfer_syntaxes_are_kept_as_sent(receiver: Receiver, name: str) -> None:
+    path = pydicom_file(name)
+    syntax = str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+    assert send_files(receiver.port, path) == [status.SUCCESS]
+    with session_scope(receiver.session_factory) as session:  # type: ignore[arg-type]
+        row = session.scalars(select(Instance)).one()
+        file_id = row.file_id
+        assert row.transfer_syntax_uid == syntax
+    # The dataset is kept byte for byte as sent (compressed pixel data included).
+    assert dataset_bytes_of(receiver.spool.path_for(file_id)) == dataset_bytes_of(path)
+
+
+def _uid_dataset(sop_instance_uid: str) -> bytes:
+    ds = dcmread(pydicom_file("CT_small.dcm"))
+    ds.SOPInstanceUID = sop_instance_uid
+    return dataset_body(ds)
+
+
+def test_bad_input_gets_the_right_status(receiver: Receiver, tmp_path: Path) -> None:
+    good = dcmread(pydicom_file("CT_small.dcm"))
+    body = dataset_body(good)
+    no_uids = good.copy()
+    del no_uids.StudyInstanceUID
+    cases = {
+        "garbage": (b"\x13\x37" * 500, good.SOPInstanceUID, status.CANNOT_UNDERSTAND),
+        "truncated": (body[: len(body) - 4000], good.SOPInstanceUID, status.CANNOT_UNDERSTAND),
+        "wrong-length": (
+            body[:200] + b"\xff\xff\x00\x7f" + body[204:],
+            good.SOPInstanceUID,
+            status.CANNOT_UNDERSTAND,
+        ),
+        "no-study-uid": (dataset_body(no_uids), good.SOPInstanceUID, status.CANNOT_UNDERSTAND),
+        "traversal-uid": (
+            _uid_dataset("../../etc/passwd"),
+            "../../etc/passwd",
+            status.CANNOT_UNDERSTAND,
+        ),
+        "other-instance": (body, "1.2.3.4.5", status.DATASET_DOES_NOT_MATCH_SOP_CLASS),
+    }
+    paths = []
+    for name, (data, sop_uid, _) in cases.items():
+        paths.append(
+            raw_file(
+                tmp_path / f"{name}.dcm",
+                data,
+                sop_class_uid=CT_IMAGE_STORAGE,
+                sop_instance_uid=sop_uid,
+            )
+        )
+    statuses = send_files(receiver.port, *paths)
+    assert dict(zip(cases, statuses, strict=True)) == {
+        name: expected for name, (_, _, expected) in cases.items()
+    }
+    assert receiver.count(Instance) == 0
+    assert receiver.count(AuditEvent, AuditEvent.kind == "rejection") == len(cases)
+    assert list(receiver.spool.stored_ids()) == []
+    assert not any(receiver.settings.data_dir.parent.glob("etc*"))
+    # Still serving:
+    assert storescu(receiver.port, pydicom_file("CT_small.dcm")) == 0
+
+
+def test_association_policy(settings: Settings, tmp_path: Path) -> None:
+    settings = settings.model_copy(
+        update={
+            "allowed_callers": Settings(
+                allowed_callers=["STORESCU@127.0.0.1", "ELSEWHERE@10.255.255.1"]
+            ).allowed_callers
+        }
+    )
+    engine = create_db_engine(settings.database_url)
+    migrate.upgrade(engine)
+    factory = make_session_factory(engine)
+    metrics = IngestMetrics(CollectorRegistry())
+    spool = Spool(settings.data_dir / "spool", min_free_bytes=1)
+    listener = DicomListener(
+        settings,
+        ingestor=Ingestor(spool=spool, session_factory=factory, metrics=metrics),
+        session_factory=factory,
+        metrics=metrics,
+    )
+    listener.start()
+    try:
+        path = pydicom_file("CT_small.dcm")
+        assert storescu(listener.port, path, calling="STORESCU") == 0
+        assert storescu(listener.port, path, calling="STRANGER") != 0
+        assert storescu(listener.port, path, calling="ELSEWHERE") != 0  # pinned to another host
+        assert storescu(listener.port, path, calling="STORESCU", called="NOT_TRIAGE") != 0
+
+        def rejected() -> list[str | None]:
+            with session_scope(factory) as session:
+                return sorted(
+                    session.scalars(
+                        select(AuditEvent.actor).where(AuditEvent.kind == "rejection")
+                    ).all()
+                )
+
+        # The rejection is recorded just after the peer is told; give it a moment.
+        wait_for(lambda: len(rejected()) == 3, timeout=5, what="three recorded rejections")
+        assert rejected() == ["ELSEWHERE", "STORESCU", "STRANGER"]
+    finally:
+        listener.stop()
+        engine.dispose()
+
+
+def _watch(receiver: Receiver) -> Iterator[None]:
+    stopping = threading.Event()
+    thread = threading.Thread(target=receiver.watcher.run, args=(stopping,), daemon=True)
+    thread.start()
+    yield
+    stopping.set()
+    thread.join()
+
+
+def _wait_status(receiver: Receiver, uid: str, wanted: StudyStatus, timeout: float) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        study = receiver.study(uid)
+        if study is not None and study.status == wanted:
+            return time.monotonic() - started
+        time.sleep(0.05)
+    raise AssertionError(f"study not {wanted} after {timeout} s")
+
+
+def test_completion_after_release_then_late_instance_reopens(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    watching = _watch(receiver)
+    next(watching)
+    sent: SentStudy = ct_study(tmp_path / "a", 5)
+    assert storescu(receiver.port, *sent.paths) == 0
+    # grace 0.5 s, quiet 5 s: released associations complete well before the quiet period
+    assert _wait_status(receiver, sent.study_uid, StudyStatus.COMPLETE, 3.0) < 3.0
+    late = ct_study(tmp_path / "b", 1, study_uid=sent.study_uid)
+    assert storescu(receiver.port, *late.paths) == 0
+    study = receiver.study(sent.study_uid)
+    assert study is not None
+    assert study.analysis_round == 1
+    _wait_status(receiver, sent.study_uid, StudyStatus.COMPLETE, 3.0)
+    study = receiver.study(sent.study_uid)
+    assert study is not None
+    assert study.analysis_round == 2
+    assert receiver.count(AuditEvent, AuditEvent.kind == "study_reopened") == 1
+    next(watching, None)
+
+
+def test_dribbled_study_waits_for_the_quiet_period(receiver: Receiver, tmp_path: Path) -> None:
+    """Instances sent one association at a time, with gaps shorter than the grace period,
+    complete only once nothing has come for the grace period after the last release."""
+    sent = ct_study(tmp_path / "a", 4)
+    receiver.watcher.poll()
+    for path in sent.paths:
+        assert send_files(receiver.port, path) == [status.SUCCESS]
+        assert receiver.watcher.poll() == []  # released just now: grace not yet over
+    study = receiver.study(sent.study_uid)
+    assert study is not None
+    assert study.status == StudyStatus.RECEIVING
+    time.sleep(0.6)
+    assert receiver.watcher.poll() == [sent.study_uid]

@@ -1,0 +1,1 @@
+"""Pure DICOM helpers: UIDs, status codes, series to volume, tag access."""

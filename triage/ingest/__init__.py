@@ -1,0 +1,1 @@
+"""Index rows, study completion, routing rules and job creation."""

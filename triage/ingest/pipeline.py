@@ -1,0 +1,122 @@
+"""One path for every instance, from the listener or from ``triage-admin import``:
+parse the header, spool durably, commit the index rows. Success is owed only after that."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+
+from triage.db.base import utcnow
+from triage.db.session import SessionFactory, session_scope
+from triage.dicom.header import InstanceHeader, parse_header
+from triage.errors import DatasetMismatchError, OutOfResourcesError
+from triage.ingest.index import IndexResult, StoreOutcome, find_identical, index_instance
+from triage.metrics import IngestMetrics
+from triage.receiver.spool import Spool, SpooledFile, content_hash
+
+log = logging.getLogger(__name__)
+
+INDEX_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class Ingested:
+    header: InstanceHeader
+    result: IndexResult
+
+
+class Ingestor:
+    """Turns encoded instances into spool files and committed index rows."""
+
+    def __init__(
+        self,
+        *,
+        spool: Spool,
+        session_factory: SessionFactory,
+        metrics: IngestMetrics,
+        on_stored: Callable[[Ingested, str | None], None] | None = None,
+    ) -> None:
+        self.spool = spool
+        self.session_factory = session_factory
+        self.metrics = metrics
+        self.on_stored = on_stored
+
+    def ingest(
+        self,
+        data: bytes,
+        *,
+        calling_ae: str | None,
+        source: str,
+        requested: tuple[str, str] | None = None,
+    ) -> Ingested:
+        """Store one DICOM file's bytes (preamble and meta included).
+
+        ``requested`` is the (SOP Class UID, SOP Instance UID) a C-STORE request named; the
+        dataset must carry the same. Raises DicomInputError (cannot be understood) or
+        OutOfResourcesError (try later).
+        """
+        started = time.perf_counter()
+        if not self.spool.has_room():
+            raise OutOfResourcesError("spool is below its free-space reserve")
+        header = parse_header(data)
+        if requested is not None and requested != (header.sop_class_uid, header.sop_instance_uid):
+            raise DatasetMismatchError("dataset UIDs differ from the C-STORE request")
+        sha256 = content_hash(data)
+        try:
+            with session_scope(self.session_factory) as session:
+                held = find_identical(
+                    db_session=session, sop_instance_uid=header.sop_instance_uid, sha256=sha256
+                )
+        except SQLAlchemyError as exc:
+            raise OutOfResourcesError(f"index unavailable: {type(exc).__name__}") from exc
+        if held:
+            result = IndexResult(StoreOutcome.DUPLICATE, header.study_uid)
+        else:
+            spooled = self.spool.write(data, sha256=sha256)
+            try:
+                result = self._index(header, spooled=spooled, calling_ae=calling_ae)
+            except BaseException:
+                self.spool.remove(spooled.file_id)
+                raise
+            if result.outcome is StoreOutcome.DUPLICATE:
+                self.spool.remove(spooled.file_id)  # a concurrent send of the same instance won
+        ingested = Ingested(header, result)
+        if result.outcome is StoreOutcome.DUPLICATE:
+            self.metrics.duplicates.inc()
+        else:
+            self.metrics.instances.labels(source=source).inc()
+            self.metrics.bytes.inc(len(data))
+        self.metrics.spool_seconds.observe(time.perf_counter() - started)
+        if self.on_stored is not None:
+            self.on_stored(ingested, calling_ae)
+        return ingested
+
+    def _index(
+        self, header: InstanceHeader, *, spooled: SpooledFile, calling_ae: str | None
+    ) -> IndexResult:
+        for attempt in range(1, INDEX_ATTEMPTS + 1):
+            try:
+                with session_scope(self.session_factory) as session:
+                    return index_instance(
+                        db_session=session,
+                        header=header,
+                        spooled=spooled,
+                        calling_ae=calling_ae,
+                        now=utcnow(),
+                    )
+            except (IntegrityError, OperationalError) as exc:
+                # Another association indexed the same study, series or version at the same
+                # moment (or SQLite stayed locked): start the transaction again.
+                if attempt == INDEX_ATTEMPTS:
+                    raise OutOfResourcesError(f"index busy: {type(exc).__name__}") from exc
+                log.info(
+                    "index conflict, retrying",
+                    extra={"sop_instance_uid": header.sop_instance_uid, "attempt": attempt},
+                )
+            except SQLAlchemyError as exc:
+                raise OutOfResourcesError(f"index unavailable: {type(exc).__name__}") from exc
+        raise AssertionError("unreachable")
