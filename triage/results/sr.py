@@ -1,0 +1,194 @@
+"""Build the Comprehensive 3D SR of a model run: a TID 1500 Measurement Report (IHE AI Results)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from triage.dicom.uids import ResultKind
+from triage.results.inputs import AlgorithmIdentity, FindingInput, ResultInput
+
+PRESENT: Code = codes.SCT.Present
+ABSENT: Code = codes.SCT.Absent
+PROBABILITY: Code = codes.DCM.Probability
+PROBABILITY_UNIT = Code("{probability}", "UCUM", "probability")
+VOLUME: Code = codes.SCT.Volume
+MILLILITRE = Code("ml", "UCUM", "milliliter")
+
+MeasurementGroup = (
+    hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.MeasurementsAndQualitativeEvaluations
+)
+
+
+def _patient_position(
+    source: Sequence[Dataset], location: tuple[float, float, float]
+) -> npt.NDArray[np.float64]:
+    """Patient coordinates (mm) of a possibly fractional voxel index (slice, row, col)."""
+    slice_index, row, column = location
+    positions = np.array([ds.ImagePositionPatient for ds in source], dtype=np.float64)
+    slice_numbers = np.arange(len(source), dtype=np.float64)
+    origin = np.array(
+        [np.interp(slice_index, slice_numbers, positions[:, axis]) for axis in range(3)]
+    )
+    orientation = np.array(source[0].ImageOrientationPatient, dtype=np.float64)
+    row_spacing, column_spacing = (float(value) for value in source[0].PixelSpacing)
+    # The first direction cosines follow increasing column index, the second increasing row.
+    return origin + column * column_spacing * orientation[:3] + row * row_spacing * orientation[3:]
+
+
+def _location_surface(
+    source: Sequence[Dataset], location: tuple[float, float, float]
+) -> hd.sr.VolumeSurface:
+    return hd.sr.VolumeSurface(
+        graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+        graphic_data=_patient_position(source, location).reshape(1, 3),
+        frame_of_reference_uid=source[0].FrameOfReferenceUID,
+        source_series=hd.sr.SourceSeriesForSegmentation(source[0].SeriesInstanceUID),
+    )
+
+
+def _referenced_segments(
+    result: ResultInput, segmentation: hd.seg.Segmentation | None
+) -> dict[int, hd.sr.ReferencedSegment]:
+    """Each segment with the source images it covers, by segment number.
+
+    Built from the mask: highdicom's ``ReferencedSegment.from_segmentation`` fails on a SEG
+    whose frames all hold one segment (it then sits in the shared functional groups).
+    """
+    if segmentation is None or result.mask is None:
+        return {}
+    references = {}
+    for number in result.segments:
+        covered = np.flatnonzero((result.mask == number).any(axis=(1, 2)))
+        references[number] = hd.sr.ReferencedSegment(
+            sop_class_uid=segmentation.SOPClassUID,
+            sop_instance_uid=segmentation.SOPInstanceUID,
+            segment_number=number,
+            source_images=[
+                hd.sr.SourceImageForSegmentation(
+                    referenced_sop_class_uid=result.source[index].SOPClassUID,
+                    referenced_sop_instance_uid=result.source[index].SOPInstanceUID,
+                )
+                for index in covered.tolist()
+            ],
+        )
+    return references
+
+
+def _measurement_group(
+    number: int,
+    finding: FindingInput,
+    result: ResultInput,
+    segments: dict[int, hd.sr.ReferencedSegment],
+) -> MeasurementGroup:
+    """TID 1411 with the finding's segment or location as its region, else TID 1501."""
+    identity = result.algorithm
+    tracking = hd.sr.TrackingIdentifier(
+        uid=finding.tracking_uid, identifier=f"{finding.label} {number}"
+    )
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=identity.name,
+        version=identity.version,
+        family=identity.family_code,
+        manufacturer=identity.manufacturer,
+    )
+    evaluations = [
+        hd.sr.QualitativeEvaluation(
+            name=finding.code, value=PRESENT if finding.positive else ABSENT
+        )
+    ]
+    measurements = [
+        hd.sr.Measurement(name=PROBABILITY, value=finding.probability, unit=PROBABILITY_UNIT)
+    ]
+    if finding.volume_ml is not None:
+        measurements.append(
+            hd.sr.Measurement(name=VOLUME, value=finding.volume_ml, unit=MILLILITRE)
+        )
+    segment = None if finding.segment_number is None else segments[finding.segment_number]
+    surface = None
+    if segment is None and finding.location is not None:
+        surface = _location_surface(result.source, finding.location)
+    if segment is None and surface is None:
+        return hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            finding_type=finding.code,
+            finding_category=finding.category,
+            algorithm_id=algorithm,
+            measurements=measurements,
+            qualitative_evaluations=evaluations,
+        )
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        referenced_segment=segment,
+        referenced_volume_surface=surface,
+        finding_type=finding.code,
+        finding_category=finding.category,
+        algorithm_id=algorithm,
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
+    )
+
+
+def _observation_context(identity: AlgorithmIdentity) -> hd.sr.ObservationContext:
+    """The algorithm as the device observer (TID 1002/1004)."""
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=identity.device_uid,
+                name=identity.name,
+                manufacturer_name=identity.manufacturer,
+                model_name=identity.name,
+            ),
+        )
+    )
+
+
+def build_sr(
+    result: ResultInput, segmentation: hd.seg.Segmentation | None
+) -> hd.sr.Comprehensive3DSR:
+    """The SR of ``result``: one measurement group per finding, negative findings included.
+
+    ``segmentation`` is ``build_segmentation(result)``: None exactly when no finding names a
+    segment. Each group carries the finding type, its presence (present or absent at the
+    model's operating point), its probability and, where known, its volume and its region.
+    """
+    if (segmentation is None) != (not result.segments):
+        raise ValueError("segmentation must be build_segmentation(result)")
+    if segmentation is not None and segmentation.StudyInstanceUID != result.study_uid:
+        raise ValueError("segmentation belongs to another study")
+    identity = result.algorithm
+    segments = _referenced_segments(result, segmentation)
+    report = hd.sr.MeasurementReport(
+        observation_context=_observation_context(identity),
+        procedure_reported=result.procedure,
+        imaging_measurements=[
+            _measurement_group(number, finding, result, segments)
+            for number, finding in enumerate(result.findings, start=1)
+        ],
+        referenced_images=list(result.source),
+    )
+
+    evidence = [*result.source, *([segmentation] if segmentation is not None else [])]
+    return hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report,
+        series_instance_uid=result.uid(ResultKind.SR_SERIES),
+        series_number=result.sr_series_number,
+        sop_instance_uid=result.uid(ResultKind.SR_INSTANCE),
+        instance_number=1,
+        manufacturer=identity.manufacturer,
+        is_complete=True,
+        manufacturer_model_name=identity.name,
+        software_versions=identity.version,
+        device_serial_number=identity.device_uid,
+        series_description=identity.name,
+        contributing_equipment=[identity.contributing_equipment()],
+    )
