@@ -19,6 +19,7 @@ from triage.db import migrate
 from triage.db.session import create_db_engine, make_session_factory
 from triage.ingest.completion import StudyCompletionWatcher
 from triage.ingest.pipeline import Ingestor
+from triage.ingest.reconcile import reconcile_spool
 from triage.metrics import IngestMetrics
 from triage.receiver.scp import DicomListener
 from triage.receiver.spool import Spool
@@ -46,15 +47,14 @@ class TriageService:
         self.metrics = IngestMetrics(self.registry)
         self.stopping = threading.Event()
         self._http: _HttpServer | None = None
-        self.spool = Spool(
-            settings.data_dir / "spool", min_free_bytes=settings.spool_min_free_mb * 1024 * 1024
-        )
+        self.spool = Spool.for_settings(settings)
         self.watcher = StudyCompletionWatcher(settings, self.session_factory)
+        self.ingestor = Ingestor(
+            spool=self.spool, session_factory=self.session_factory, metrics=self.metrics
+        )
         self.listener = DicomListener(
             settings,
-            ingestor=Ingestor(
-                spool=self.spool, session_factory=self.session_factory, metrics=self.metrics
-            ),
+            ingestor=self.ingestor,
             session_factory=self.session_factory,
             metrics=self.metrics,
             on_association_end=self.watcher.association_ended,
@@ -74,8 +74,7 @@ class TriageService:
         """Upgrade the schema, then serve until SIGINT or SIGTERM (exit status 0)."""
         settings = self.settings
         migrate.upgrade(self.engine)
-        if cleared := self.spool.clear_tmp():
-            log.info("removed %d partial spool writes left by a crash", cleared)
+        reconcile_spool(ingestor=self.ingestor, session_factory=self.session_factory)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         app = create_app(settings, self.session_factory, self.registry)

@@ -7,18 +7,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
+from prometheus_client import CollectorRegistry
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from triage.broker import broker_url, queue_depths
-from triage.cli.common import ConfigOption, JsonOption, fail, load_settings
+from triage.cli.common import ConfigOption, JsonOption, err_console, fail, load_settings
 from triage.db import migrate
 from triage.db.session import create_db_engine, make_session_factory, session_scope
+from triage.errors import DicomInputError, OutOfResourcesError
+from triage.ingest.pipeline import Ingestor
+from triage.ingest.sources import import_sources
+from triage.metrics import IngestMetrics
+from triage.receiver.spool import Spool
 from triage.status import StatusReport, collect_status
 
 app = typer.Typer(
@@ -101,3 +110,52 @@ def _print_status(report: StatusReport) -> None:
         console.print(errors)
     else:
         console.print("no errors recorded")
+
+
+@app.command("import")
+def import_files(
+    path: Annotated[
+        Path,
+        typer.Argument(help="A folder of DICOM files (searched recursively) or a DICOMDIR."),
+    ],
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Ingest files through the same path as the DICOM listener (for back-loading, or testing
+    without a PACS). A running `triage serve` sees the studies complete as usual."""
+    settings = load_settings(config)
+    files = list(import_sources(path))
+    if not files:
+        fail(f"no files found under {path}")
+    engine = create_db_engine(settings.database_url)
+    if not migrate.is_up_to_date(engine):
+        fail("the database schema is not current: run `triage-admin db upgrade`")
+    ingestor = Ingestor(
+        spool=Spool.for_settings(settings),
+        session_factory=make_session_factory(engine),
+        metrics=IngestMetrics(CollectorRegistry()),
+    )
+    outcomes: Counter[str] = Counter()
+    with Progress(console=err_console, disable=as_json) as progress:
+        task = progress.add_task("importing", total=len(files))
+        for file in files:
+            outcomes[_import_one(ingestor, file)] += 1
+            progress.advance(task)
+    if as_json:
+        print(json.dumps(dict(outcomes), indent=2, sort_keys=True))
+    else:
+        for outcome, count in sorted(outcomes.items()):
+            console.print(f"{outcome}: {count}")
+    if outcomes.get("out-of-resources"):
+        raise typer.Exit(1)
+
+
+def _import_one(ingestor: Ingestor, file: Path) -> str:
+    try:
+        return str(
+            ingestor.ingest(file.read_bytes(), calling_ae=None, source="import").result.outcome
+        )
+    except DicomInputError:
+        return "rejected"
+    except OutOfResourcesError:
+        return "out-of-resources"

@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
@@ -94,6 +95,20 @@ class Ingestor:
         if self.on_stored is not None:
             self.on_stored(ingested, calling_ae)
         return ingested
+
+    def adopt(self, path: Path) -> Ingested:
+        """Index a spool file that has no row (its writer crashed before the commit).
+
+        It was never acknowledged, but it is whole (renamed after fsync), so keep it.
+        Raises DicomInputError if it cannot be parsed: the caller quarantines it.
+        """
+        data = path.read_bytes()
+        header = parse_header(data)
+        spooled = SpooledFile(path.stem, path, len(data), content_hash(data))
+        result = self._index(header, spooled=spooled, calling_ae=None)
+        if result.outcome is StoreOutcome.DUPLICATE:
+            self.spool.remove(spooled.file_id)
+        return Ingested(header, result)
 
     def _index(
         self, header: InstanceHeader, *, spooled: SpooledFile, calling_ae: str | None

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from triage.config import Settings
 from triage.errors import OutOfResourcesError
 
 
@@ -53,6 +54,12 @@ class Spool:
             directory.mkdir(parents=True, exist_ok=True)
         self._free_checked_at = 0.0
         self._has_room = True
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> Spool:
+        return cls(
+            settings.data_dir / "spool", min_free_bytes=settings.spool_min_free_mb * 1024 * 1024
+        )
 
     def path_for(self, file_id: str) -> Path:
         return self.objects / file_id[:2] / f"{file_id}.dcm"

@@ -1,0 +1,115 @@
+"""``triage-admin import`` and start-up reconciliation of the spool with the index."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+from pydicom.fileset import FileSet
+from sqlalchemy import func, select
+
+from tests.helpers.instances import ct_study
+from tests.helpers.process import VENV_BIN
+from triage.config import Settings
+from triage.db import migrate
+from triage.db.models import AuditEvent, Instance, InstanceState
+from triage.db.session import create_db_engine, make_session_factory, session_scope
+from triage.ingest.pipeline import Ingestor
+from triage.ingest.reconcile import Reconciliation, reconcile_spool
+from triage.metrics import IngestMetrics
+from triage.receiver.spool import Spool
+
+
+def admin(settings: Settings, *argv: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "TRIAGE_DATA_DIR": str(settings.data_dir),
+        "TRIAGE_DATABASE_URL": settings.database_url,
+    }
+    return subprocess.run(
+        [str(VENV_BIN / "triage-admin"), *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_import_folder_and_dicomdir(settings: Settings, tmp_path: Path) -> None:
+    assert admin(settings, "db", "upgrade").returncode == 0
+    folder = tmp_path / "incoming"
+    ct_study(folder / "one", 4)
+    ct_study(folder / "two", 3)
+    (folder / "notes.txt").write_text("not DICOM")
+
+    first = admin(settings, "import", str(folder), "--json")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout) == {"rejected": 1, "stored": 7}
+    again = admin(settings, "import", str(folder), "--json")
+    assert json.loads(again.stdout) == {"duplicate": 7, "rejected": 1}
+
+    media = tmp_path / "media"
+    fileset = FileSet()
+    for path in ct_study(tmp_path / "for-media", 2).paths:
+        fileset.add(path)
+    fileset.write(media)
+    from_dicomdir = admin(settings, "import", str(media / "DICOMDIR"), "--json")
+    assert from_dicomdir.returncode == 0, from_dicomdir.stderr
+    assert json.loads(from_dicomdir.stdout) == {"stored": 2}
+
+    status = admin(settings, "status", "--json")
+    assert json.loads(status.stdout)["instances"] == 9
+
+
+def test_reconcile_adopts_quarantines_and_flags(settings: Settings, tmp_path: Path) -> None:
+    engine = create_db_engine(settings.database_url)
+    migrate.upgrade(engine)
+    factory = make_session_factory(engine)
+    spool = Spool.for_settings(settings)
+    ingestor = Ingestor(
+        spool=spool, session_factory=factory, metrics=IngestMetrics(CollectorRegistry())
+    )
+    sent = ct_study(tmp_path / "in", 3)
+    stored = [ingestor.ingest(p.read_bytes(), calling_ae="X", source="test") for p in sent.paths]
+    assert len(stored) == 3
+
+    # A crash between fsync+rename and the index commit leaves a whole file without a row:
+    orphan = ct_study(tmp_path / "orphan", 1).paths[0]
+    orphan_copy = spool.write(orphan.read_bytes())
+    # ...a crash mid-write leaves a partial file in tmp/:
+    (spool.tmp / "deadbeef.part").write_bytes(b"partial")
+    # ...and a damaged disk may leave an unreadable file, or lose one:
+    junk = spool.write(b"not a DICOM file at all")
+    with session_scope(factory) as session:
+        lost = session.scalars(select(Instance.file_id)).first()
+    assert lost is not None
+    spool.path_for(lost).unlink()
+
+    result = reconcile_spool(ingestor=ingestor, session_factory=factory)
+    assert result == Reconciliation(partial_removed=1, adopted=1, quarantined=1, missing=1)
+    assert not spool.path_for(junk.file_id).exists()
+    assert (spool.quarantine_dir / f"{junk.file_id}.dcm").exists()
+    with session_scope(factory) as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 4
+        adopted = session.scalars(
+            select(Instance).where(Instance.file_id == orphan_copy.file_id)
+        ).one()
+        assert adopted.state == InstanceState.STORED
+        missing = session.scalars(select(Instance).where(Instance.file_id == lost)).one()
+        assert missing.state == InstanceState.MISSING
+        kinds = session.scalars(select(AuditEvent.kind)).all()
+        assert sorted(kinds) == ["quarantine", "spool_missing"]
+    # A second pass finds nothing more to do.
+    assert reconcile_spool(ingestor=ingestor, session_factory=factory) == Reconciliation()
+    engine.dispose()
+
+
+def test_import_refuses_an_empty_folder(settings: Settings, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    result = admin(settings, "import", str(tmp_path / "empty"))
+    assert result.returncode == 1
+    assert "no files found" in result.stderr
