@@ -46,6 +46,7 @@ class Receiver:
     watcher: StudyCompletionWatcher
     spool: Spool
     session_factory: object
+    registry: CollectorRegistry
 
     @property
     def port(self) -> int:
@@ -66,7 +67,8 @@ def receiver(settings: Settings) -> Iterator[Receiver]:
     engine = create_db_engine(settings.database_url)
     migrate.upgrade(engine)
     factory = make_session_factory(engine)
-    metrics = IngestMetrics(CollectorRegistry())
+    registry = CollectorRegistry()
+    metrics = IngestMetrics(registry)
     spool = Spool(settings.data_dir / "spool", min_free_bytes=1)
     watcher = StudyCompletionWatcher(settings, factory)
     listener = DicomListener(
@@ -77,7 +79,7 @@ def receiver(settings: Settings) -> Iterator[Receiver]:
         on_association_end=watcher.association_ended,
     )
     listener.start()
-    yield Receiver(settings, listener, watcher, spool, factory)
+    yield Receiver(settings, listener, watcher, spool, factory, registry)
     listener.stop()
     engine.dispose()
 
@@ -340,3 +342,45 @@ def test_dribbled_study_waits_for_the_quiet_period(receiver: Receiver, tmp_path:
     assert study.status == StudyStatus.RECEIVING
     time.sleep(0.6)
     assert receiver.watcher.poll() == [sent.study_uid]
+
+
+def test_full_spool_answers_out_of_resources(settings: Settings, tmp_path: Path) -> None:
+    settings = settings.model_copy(update={"spool_min_free_mb": 1 << 40})  # a petabyte reserve
+    engine = create_db_engine(settings.database_url)
+    migrate.upgrade(engine)
+    factory = make_session_factory(engine)
+    registry = CollectorRegistry()
+    metrics = IngestMetrics(registry)
+    listener = DicomListener(
+        settings,
+        ingestor=Ingestor(
+            spool=Spool.for_settings(settings), session_factory=factory, metrics=metrics
+        ),
+        session_factory=factory,
+        metrics=metrics,
+    )
+    listener.start()
+    try:
+        path = pydicom_file("CT_small.dcm")
+        assert send_files(listener.port, path, path) == [status.OUT_OF_RESOURCES] * 2
+        rejected = registry.get_sample_value(
+            "triage_rejections_total", {"reason": "out-of-resources"}
+        )
+        assert rejected == 2.0
+        with session_scope(factory) as session:
+            assert session.scalar(select(func.count()).select_from(Instance)) == 0
+    finally:
+        listener.stop()
+        engine.dispose()
+
+
+def test_metrics_count_instances_and_bytes(receiver: Receiver, tmp_path: Path) -> None:
+    registry = receiver.registry
+    sent = ct_study(tmp_path / "in", 5)
+    assert storescu(receiver.port, *sent.paths) == 0
+    assert registry.get_sample_value("triage_instances_received_total", {"source": "dimse"}) == 5
+    size = sum(p.stat().st_size for p in sent.paths)
+    received = registry.get_sample_value("triage_bytes_received_total")
+    assert received is not None
+    assert abs(received - size) < 5 * 512  # our file meta differs a little from storescu's
+    assert registry.get_sample_value("triage_spool_seconds_count") == 5

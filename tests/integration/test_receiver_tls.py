@@ -1,0 +1,109 @@
+"""DICOM TLS on the listener: TLS 1.2 at least, optional mutual certificates."""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+from pynetdicom import AE
+
+from triage.config import Settings, TlsFiles
+from triage.db import migrate
+from triage.db.session import create_db_engine, make_session_factory
+from triage.ingest.pipeline import Ingestor
+from triage.metrics import IngestMetrics
+from triage.receiver.scp import DicomListener
+from triage.receiver.spool import Spool
+
+VERIFICATION = "1.2.840.10008.1.1"
+
+
+def make_cert(directory: Path, name: str) -> tuple[Path, Path]:
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> dict[str, tuple[Path, Path]]:
+    return {name: make_cert(tmp_path, name) for name in ("server", "client")}
+
+
+@contextmanager
+def tls_listener(settings: Settings, tls: TlsFiles) -> Iterator[DicomListener]:
+    settings = settings.model_copy(update={"tls": tls})
+    engine = create_db_engine(settings.database_url)
+    migrate.upgrade(engine)
+    factory = make_session_factory(engine)
+    metrics = IngestMetrics(CollectorRegistry())
+    listener = DicomListener(
+        settings,
+        ingestor=Ingestor(
+            spool=Spool.for_settings(settings), session_factory=factory, metrics=metrics
+        ),
+        session_factory=factory,
+        metrics=metrics,
+    )
+    listener.start()
+    yield listener
+    listener.stop()
+    engine.dispose()
+
+
+def echo(port: int, context: ssl.SSLContext | None) -> bool:
+    ae = AE(ae_title="TLS_SCU")
+    ae.add_requested_context(VERIFICATION)
+    ae.acse_timeout = ae.network_timeout = 5
+    tls_args = (context, "127.0.0.1") if context else None
+    assoc = ae.associate("127.0.0.1", port, ae_title="TRIAGE", tls_args=tls_args)
+    if not assoc.is_established:
+        return False
+    reply = assoc.send_c_echo()
+    assoc.release()
+    return bool(reply) and reply.Status == 0
+
+
+def client_context(
+    server_cert: Path, client: tuple[Path, Path] | None = None, *, tls: ssl.TLSVersion | None = None
+) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(server_cert))
+    if client is not None:
+        context.load_cert_chain(*client)
+    if tls is not None:
+        context.minimum_version = context.maximum_version = tls
+    return context
+
+
+def test_tls_echo_and_plain_tcp_refused(
+    settings: Settings, certs: dict[str, tuple[Path, Path]]
+) -> None:
+    server_cert, server_key = certs["server"]
+    tls = TlsFiles(cert_file=server_cert, key_file=server_key)
+    with tls_listener(settings, tls) as listener:
+        assert echo(listener.port, client_context(server_cert))
+        assert not echo(listener.port, None)
+        assert not echo(listener.port, client_context(server_cert, tls=ssl.TLSVersion.TLSv1_1))
+
+
+def test_mutual_tls_requires_a_trusted_client_certificate(
+    settings: Settings, certs: dict[str, tuple[Path, Path]]
+) -> None:
+    server_cert, server_key = certs["server"]
+    client_cert, _ = certs["client"]
+    tls = TlsFiles(
+        cert_file=server_cert, key_file=server_key, ca_file=client_cert, require_client_cert=True
+    )
+    with tls_listener(settings, tls) as listener:
+        assert echo(listener.port, client_context(server_cert, certs["client"]))
+        assert not echo(listener.port, client_context(server_cert))
+        assert not echo(listener.port, client_context(server_cert, certs["server"]))
