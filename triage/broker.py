@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+from celery import Celery
 from kombu import Connection
 
 from triage.config import Settings
@@ -26,6 +27,44 @@ def broker_url(settings: Settings) -> str:
     if settings.broker_url:
         return settings.broker_url
     return f"sqla+sqlite:///{settings.data_dir / 'broker.sqlite'}"
+
+
+def transport_options(settings: Settings) -> dict[str, float]:
+    """Redis redelivers unacknowledged tasks after the visibility timeout. kombu's SQLAlchemy
+    transport hands its options to create_engine, so the embedded broker gets none."""
+    if settings.embedded_broker:
+        return {}
+    return {"visibility_timeout": settings.visibility_timeout_seconds}
+
+
+class TaskSender:
+    """Sends tasks by name. A failed send leaves the job queued in the database, where the
+    sweeper finds it again: the broker is never the only record of owed work."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.app = Celery("triage", broker=broker_url(settings), set_as_current=False)
+        self.app.conf.broker_transport_options = transport_options(settings)
+        self.app.conf.broker_connection_retry = False
+        self.app.conf.broker_connection_max_retries = 0
+
+    def analyze_study(self, job_id: int) -> bool:
+        return self._send(ANALYZE_STUDY_TASK, job_id, INFERENCE_QUEUE)
+
+    def dispatch_result(self, delivery_id: int) -> bool:
+        return self._send(DISPATCH_RESULT_TASK, delivery_id, DISPATCH_QUEUE)
+
+    def _send(self, task: str, object_id: int, queue: str) -> bool:
+        try:
+            self.app.send_task(task, args=[object_id], queue=queue, retry=False)
+        except Exception as exc:  # any broker failure: the sweeper resends later
+            log.warning(
+                "could not send task: %s", type(exc).__name__, extra={"task": task, "id": object_id}
+            )
+            return False
+        return True
+
+    def close(self) -> None:
+        self.app.close()
 
 
 def queue_depths(url: str, *, timeout: float = 2.0) -> dict[str, int | None]:

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from triage import __version__
 from triage.api.app import create_app
+from triage.broker import TaskSender
 from triage.config import Settings
 from triage.db import migrate
 from triage.db.session import create_db_engine, make_session_factory
@@ -48,7 +49,10 @@ class TriageService:
         self.stopping = threading.Event()
         self._http: _HttpServer | None = None
         self.spool = Spool.for_settings(settings)
-        self.watcher = StudyCompletionWatcher(settings, self.session_factory)
+        self.sender = TaskSender(settings)
+        self.watcher = StudyCompletionWatcher(
+            settings, self.session_factory, send_job=self.sender.analyze_study
+        )
         self.ingestor = Ingestor(
             spool=self.spool, session_factory=self.session_factory, metrics=self.metrics
         )
@@ -104,5 +108,6 @@ class TriageService:
             self.stopping.set()
             self.listener.stop()
             watcher.join(timeout=5)
+            self.sender.close()
             self.engine.dispose()
             log.info("triage stopped")

@@ -11,6 +11,7 @@ from triage.broker import (
     DISPATCH_RESULT_TASK,
     INFERENCE_QUEUE,
     broker_url,
+    transport_options,
 )
 from triage.config import Settings
 
@@ -31,7 +32,7 @@ def create_celery(settings: Settings) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_seconds},
+        broker_transport_options=transport_options(settings),
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,

@@ -8,22 +8,25 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from triage.catalog import ModelDescription, usable_models
 from triage.config import Settings
 from triage.db.base import utcnow
 from triage.db.models import Instance, Series, Study, StudyStatus
 from triage.db.session import SessionFactory, session_scope
 from triage.ingest.audit import add_event
+from triage.ingest.jobs import queue_jobs
 from triage.ingest.routing import StudyFacts, select_models
 
 log = logging.getLogger(__name__)
 
-CompletionHook = Callable[[Session, Study, list[str]], None]
+Catalog = Callable[[], Mapping[str, ModelDescription]]
+SendJob = Callable[[int], object]
 
 
 def study_facts(*, db_session: Session, study: Study) -> StudyFacts:
@@ -47,11 +50,13 @@ class StudyCompletionWatcher:
         settings: Settings,
         session_factory: SessionFactory,
         *,
-        on_complete: CompletionHook | None = None,
+        catalog: Catalog | None = None,
+        send_job: SendJob | None = None,
     ) -> None:
         self.settings = settings
         self.session_factory = session_factory
-        self.on_complete = on_complete
+        self.catalog = catalog or (lambda: usable_models(settings))
+        self.send_job = send_job
         self._released: dict[str, datetime] = {}
         self._lock = threading.Lock()
 
@@ -85,6 +90,7 @@ class StudyCompletionWatcher:
         """Complete every study that is due; return their UIDs."""
         now = now or utcnow()
         completed = []
+        job_ids: list[int] = []
         with session_scope(self.session_factory) as session:
             receiving = session.scalars(
                 select(Study).where(Study.status == StudyStatus.RECEIVING)
@@ -93,21 +99,26 @@ class StudyCompletionWatcher:
                 reason = self._reason(session, study, now)
                 if reason is None:
                     continue
-                self._complete(session, study, reason, now)
+                job_ids += self._complete(session, study, reason, now)
                 completed.append(study.study_uid)
         with self._lock:
             for uid in completed:
                 self._released.pop(uid, None)
+        if self.send_job is not None:
+            for job_id in job_ids:  # after the commit, so a worker finds the row
+                self.send_job(job_id)
         return completed
 
-    def _complete(self, db_session: Session, study: Study, reason: str, now: datetime) -> None:
+    def _complete(self, db_session: Session, study: Study, reason: str, now: datetime) -> list[int]:
+        """Mark the study complete and queue the models its routing rules pick."""
         study.status = StudyStatus.COMPLETE
         study.status_reason = reason
         study.completed_at = now
         study.analysis_round += 1
-        models = select_models(
-            self.settings.routing_rules, study_facts(db_session=db_session, study=study)
-        )
+        facts = study_facts(db_session=db_session, study=study)
+        models = select_models(self.settings.routing_rules, facts)
+        available = self.catalog()
+        missing = [name for name in models if name not in available]
         add_event(
             db_session=db_session,
             kind="study_complete",
@@ -115,14 +126,25 @@ class StudyCompletionWatcher:
             reason=reason,
             round=study.analysis_round,
             models=models,
+            missing_models=missing,
         )
         log.info(
             "study complete (%s)",
             reason,
             extra={"study_uid": study.study_uid, "round": study.analysis_round, "models": models},
         )
-        if self.on_complete is not None:
-            self.on_complete(db_session, study, models)
+        job_ids = queue_jobs(
+            db_session=db_session,
+            study=study,
+            models=[available[name] for name in models if name in available],
+        )
+        if not models:
+            study.status = StudyStatus.ANALYZED
+            study.status_reason = "no routing rule applies"
+        elif not job_ids:
+            study.status = StudyStatus.FAILED
+            study.status_reason = f"model not installed: {', '.join(missing)}"
+        return job_ids
 
     def run(self, stopping: threading.Event) -> None:
         while not stopping.wait(self.POLL_SECONDS):
