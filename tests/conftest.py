@@ -8,15 +8,21 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine, create_engine, text
 
 from triage.config import Settings
 from triage.db import migrate
 from triage.db.session import SessionFactory, create_db_engine, make_session_factory
+from triage.ingest.pipeline import Ingestor
+from triage.metrics import IngestMetrics
+from triage.receiver.scp import AssociationEnded, DicomListener
+from triage.receiver.spool import Spool
 
 IN_CI = os.environ.get("CI") == "true"
 POSTGRES_URL = os.environ.get(
@@ -136,3 +142,64 @@ def redis_url() -> Iterator[str]:
     yield REDIS_URL
     client.flushdb()
     client.close()
+
+
+@dataclass
+class IngestStack:
+    """The receiving side of triage in-process: database, spool and ingestor, on ``settings``."""
+
+    settings: Settings
+    engine: Engine
+    session_factory: SessionFactory
+    spool: Spool
+    registry: CollectorRegistry
+    metrics: IngestMetrics
+    ingestor: Ingestor
+    listeners: list[DicomListener] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, settings: Settings) -> IngestStack:
+        engine = create_db_engine(settings.database_url)
+        migrate.upgrade(engine)
+        factory = make_session_factory(engine)
+        spool = Spool.for_settings(settings)
+        registry = CollectorRegistry()
+        metrics = IngestMetrics(registry)
+        ingestor = Ingestor(spool=spool, session_factory=factory, metrics=metrics)
+        return cls(settings, engine, factory, spool, registry, metrics, ingestor)
+
+    def ingest(self, *paths: Path, calling_ae: str | None = "TEST") -> None:
+        for path in paths:
+            self.ingestor.ingest(path.read_bytes(), calling_ae=calling_ae, source="test")
+
+    def listener(self, *, on_association_end: AssociationEnded | None = None) -> DicomListener:
+        """A started DICOM listener on this stack; ``stack_factory`` stops it at teardown."""
+        listener = DicomListener(
+            self.settings,
+            ingestor=self.ingestor,
+            session_factory=self.session_factory,
+            metrics=self.metrics,
+            on_association_end=on_association_end,
+        )
+        listener.start()
+        self.listeners.append(listener)
+        return listener
+
+
+StackFactory = Callable[[Settings], IngestStack]
+
+
+@pytest.fixture
+def stack_factory() -> Iterator[StackFactory]:
+    """Builds IngestStacks; at teardown stops their listeners and disposes of their engines."""
+    stacks: list[IngestStack] = []
+
+    def build(settings: Settings) -> IngestStack:
+        stacks.append(IngestStack.build(settings))
+        return stacks[-1]
+
+    yield build
+    for listener in [listener for stack in stacks for listener in stack.listeners]:
+        listener.stop()
+    for stack in stacks:
+        stack.engine.dispose()

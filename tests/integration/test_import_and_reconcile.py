@@ -7,20 +7,16 @@ import os
 import subprocess
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry
 from pydicom.fileset import FileSet
 from sqlalchemy import func, select
 
+from tests.conftest import StackFactory
 from tests.helpers.instances import ct_study
 from tests.helpers.process import VENV_BIN
 from triage.config import Settings
-from triage.db import migrate
 from triage.db.models import AuditEvent, Instance, InstanceState
-from triage.db.session import create_db_engine, make_session_factory, session_scope
-from triage.ingest.pipeline import Ingestor
+from triage.db.session import session_scope
 from triage.ingest.reconcile import Reconciliation, reconcile_spool
-from triage.metrics import IngestMetrics
-from triage.receiver.spool import Spool
 
 
 def admin(settings: Settings, *argv: str) -> subprocess.CompletedProcess[str]:
@@ -65,14 +61,11 @@ def test_import_folder_and_dicomdir(settings: Settings, tmp_path: Path) -> None:
     assert json.loads(status.stdout)["instances"] == 9
 
 
-def test_reconcile_adopts_quarantines_and_flags(settings: Settings, tmp_path: Path) -> None:
-    engine = create_db_engine(settings.database_url)
-    migrate.upgrade(engine)
-    factory = make_session_factory(engine)
-    spool = Spool.for_settings(settings)
-    ingestor = Ingestor(
-        spool=spool, session_factory=factory, metrics=IngestMetrics(CollectorRegistry())
-    )
+def test_reconcile_adopts_quarantines_and_flags(
+    settings: Settings, tmp_path: Path, stack_factory: StackFactory
+) -> None:
+    stack = stack_factory(settings)
+    factory, spool, ingestor = stack.session_factory, stack.spool, stack.ingestor
     sent = ct_study(tmp_path / "in", 3)
     stored = [ingestor.ingest(p.read_bytes(), calling_ae="X", source="test") for p in sent.paths]
     assert len(stored) == 3
@@ -105,7 +98,6 @@ def test_reconcile_adopts_quarantines_and_flags(settings: Settings, tmp_path: Pa
         assert sorted(kinds) == ["quarantine", "spool_missing"]
     # A second pass finds nothing more to do.
     assert reconcile_spool(ingestor=ingestor, session_factory=factory) == Reconciliation()
-    engine.dispose()
 
 
 def test_import_refuses_an_empty_folder(settings: Settings, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 from sqlalchemy import func, select
 
+from tests.conftest import StackFactory
 from tests.helpers.instances import (
     SentStudy,
     ct_study,
@@ -26,13 +27,10 @@ from tests.helpers.instances import (
 )
 from tests.helpers.process import wait_for
 from triage.config import Settings
-from triage.db import migrate
 from triage.db.models import AuditEvent, Instance, Study, StudyStatus
-from triage.db.session import create_db_engine, make_session_factory, session_scope
+from triage.db.session import SessionFactory, session_scope
 from triage.dicom import status
 from triage.ingest.completion import StudyCompletionWatcher
-from triage.ingest.pipeline import Ingestor
-from triage.metrics import IngestMetrics
 from triage.receiver.scp import DicomListener, set_nodelay
 from triage.receiver.spool import Spool
 
@@ -41,11 +39,13 @@ CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 @dataclass
 class Receiver:
+    """A stack's listener, with a completion watcher fed by its associations."""
+
     settings: Settings
     listener: DicomListener
     watcher: StudyCompletionWatcher
     spool: Spool
-    session_factory: object
+    session_factory: SessionFactory
     registry: CollectorRegistry
 
     @property
@@ -53,35 +53,22 @@ class Receiver:
         return self.listener.port
 
     def count(self, model: type, *where: object) -> int:
-        with session_scope(self.session_factory) as session:  # type: ignore[arg-type]
+        with session_scope(self.session_factory) as session:
             return int(session.scalar(select(func.count()).select_from(model).where(*where)) or 0)
 
     def study(self, study_uid: str) -> Study | None:
-        with session_scope(self.session_factory) as session:  # type: ignore[arg-type]
+        with session_scope(self.session_factory) as session:
             return session.scalar(select(Study).where(Study.study_uid == study_uid))
 
 
 @pytest.fixture
-def receiver(settings: Settings) -> Iterator[Receiver]:
-    settings = settings.model_copy(update={"allowed_callers": []})
-    engine = create_db_engine(settings.database_url)
-    migrate.upgrade(engine)
-    factory = make_session_factory(engine)
-    registry = CollectorRegistry()
-    metrics = IngestMetrics(registry)
-    spool = Spool(settings.data_dir / "spool", min_free_bytes=1)
-    watcher = StudyCompletionWatcher(settings, factory)
-    listener = DicomListener(
-        settings,
-        ingestor=Ingestor(spool=spool, session_factory=factory, metrics=metrics),
-        session_factory=factory,
-        metrics=metrics,
-        on_association_end=watcher.association_ended,
-    )
-    listener.start()
-    yield Receiver(settings, listener, watcher, spool, factory, registry)
-    listener.stop()
-    engine.dispose()
+def receiver(settings: Settings, stack_factory: StackFactory) -> Receiver:
+    # No routing rules: a complete study goes straight to "analyzed" (no model is needed here).
+    settings = settings.model_copy(update={"allowed_callers": [], "routing_rules": []})
+    stack = stack_factory(settings)
+    watcher = StudyCompletionWatcher(settings, stack.session_factory)
+    listener = stack.listener(on_association_end=watcher.association_ended)
+    return Receiver(settings, listener, watcher, stack.spool, stack.session_factory, stack.registry)
 
 
 def storescu(port: int, *paths: Path, calling: str = "STORESCU", called: str = "TRIAGE") -> int:
@@ -134,7 +121,7 @@ def test_storescu_series_is_spooled_and_indexed(receiver: Receiver, tmp_path: Pa
     sent = ct_study(tmp_path / "in", 12)
     assert storescu(receiver.port, *sent.paths) == 0
     assert receiver.count(Instance) == 12
-    with session_scope(receiver.session_factory) as session:  # type: ignore[arg-type]
+    with session_scope(receiver.session_factory) as session:
         rows = session.scalars(select(Instance)).all()
         by_uid = {row.sop_instance_uid: row for row in rows}
     for path in sent.paths:
@@ -188,7 +175,7 @@ def test_transfer_syntaxes_are_kept_as_sent(receiver: Receiver, name: str) -> No
     path = pydicom_file(name)
     syntax = str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
     assert send_files(receiver.port, path) == [status.SUCCESS]
-    with session_scope(receiver.session_factory) as session:  # type: ignore[arg-type]
+    with session_scope(receiver.session_factory) as session:
         row = session.scalars(select(Instance)).one()
         file_id = row.file_id
         assert row.transfer_syntax_uid == syntax
@@ -245,7 +232,9 @@ def test_bad_input_gets_the_right_status(receiver: Receiver, tmp_path: Path) -> 
     assert storescu(receiver.port, pydicom_file("CT_small.dcm")) == 0
 
 
-def test_association_policy(settings: Settings, tmp_path: Path) -> None:
+def test_association_policy(
+    settings: Settings, tmp_path: Path, stack_factory: StackFactory
+) -> None:
     settings = settings.model_copy(
         update={
             "allowed_callers": Settings(
@@ -253,39 +242,25 @@ def test_association_policy(settings: Settings, tmp_path: Path) -> None:
             ).allowed_callers
         }
     )
-    engine = create_db_engine(settings.database_url)
-    migrate.upgrade(engine)
-    factory = make_session_factory(engine)
-    metrics = IngestMetrics(CollectorRegistry())
-    spool = Spool(settings.data_dir / "spool", min_free_bytes=1)
-    listener = DicomListener(
-        settings,
-        ingestor=Ingestor(spool=spool, session_factory=factory, metrics=metrics),
-        session_factory=factory,
-        metrics=metrics,
-    )
-    listener.start()
-    try:
-        path = pydicom_file("CT_small.dcm")
-        assert storescu(listener.port, path, calling="STORESCU") == 0
-        assert storescu(listener.port, path, calling="STRANGER") != 0
-        assert storescu(listener.port, path, calling="ELSEWHERE") != 0  # pinned to another host
-        assert storescu(listener.port, path, calling="STORESCU", called="NOT_TRIAGE") != 0
+    stack = stack_factory(settings)
+    listener = stack.listener()
+    path = pydicom_file("CT_small.dcm")
+    assert storescu(listener.port, path, calling="STORESCU") == 0
+    assert storescu(listener.port, path, calling="STRANGER") != 0
+    assert storescu(listener.port, path, calling="ELSEWHERE") != 0  # pinned to another host
+    assert storescu(listener.port, path, calling="STORESCU", called="NOT_TRIAGE") != 0
 
-        def rejected() -> list[str | None]:
-            with session_scope(factory) as session:
-                return sorted(
-                    session.scalars(
-                        select(AuditEvent.actor).where(AuditEvent.kind == "rejection")
-                    ).all()
-                )
+    def rejected() -> list[str | None]:
+        with session_scope(stack.session_factory) as session:
+            return sorted(
+                session.scalars(
+                    select(AuditEvent.actor).where(AuditEvent.kind == "rejection")
+                ).all()
+            )
 
-        # The rejection is recorded just after the peer is told; give it a moment.
-        wait_for(lambda: len(rejected()) == 3, timeout=5, what="three recorded rejections")
-        assert rejected() == ["ELSEWHERE", "STORESCU", "STRANGER"]
-    finally:
-        listener.stop()
-        engine.dispose()
+    # The rejection is recorded just after the peer is told; give it a moment.
+    wait_for(lambda: len(rejected()) == 3, timeout=5, what="three recorded rejections")
+    assert rejected() == ["ELSEWHERE", "STORESCU", "STRANGER"]
 
 
 def _watch(receiver: Receiver) -> Iterator[None]:
@@ -315,13 +290,13 @@ def test_completion_after_release_then_late_instance_reopens(
     sent: SentStudy = ct_study(tmp_path / "a", 5)
     assert storescu(receiver.port, *sent.paths) == 0
     # grace 0.5 s, quiet 5 s: released associations complete well before the quiet period
-    assert _wait_status(receiver, sent.study_uid, StudyStatus.COMPLETE, 3.0) < 3.0
+    assert _wait_status(receiver, sent.study_uid, StudyStatus.ANALYZED, 3.0) < 3.0
     late = ct_study(tmp_path / "b", 1, study_uid=sent.study_uid)
     assert storescu(receiver.port, *late.paths) == 0
     study = receiver.study(sent.study_uid)
     assert study is not None
     assert study.analysis_round == 1
-    _wait_status(receiver, sent.study_uid, StudyStatus.COMPLETE, 3.0)
+    _wait_status(receiver, sent.study_uid, StudyStatus.ANALYZED, 3.0)
     study = receiver.study(sent.study_uid)
     assert study is not None
     assert study.analysis_round == 2
@@ -344,34 +319,20 @@ def test_dribbled_study_waits_for_the_quiet_period(receiver: Receiver, tmp_path:
     assert receiver.watcher.poll() == [sent.study_uid]
 
 
-def test_full_spool_answers_out_of_resources(settings: Settings, tmp_path: Path) -> None:
+def test_full_spool_answers_out_of_resources(
+    settings: Settings, tmp_path: Path, stack_factory: StackFactory
+) -> None:
     settings = settings.model_copy(update={"spool_min_free_mb": 1 << 40})  # a petabyte reserve
-    engine = create_db_engine(settings.database_url)
-    migrate.upgrade(engine)
-    factory = make_session_factory(engine)
-    registry = CollectorRegistry()
-    metrics = IngestMetrics(registry)
-    listener = DicomListener(
-        settings,
-        ingestor=Ingestor(
-            spool=Spool.for_settings(settings), session_factory=factory, metrics=metrics
-        ),
-        session_factory=factory,
-        metrics=metrics,
+    stack = stack_factory(settings)
+    listener = stack.listener()
+    path = pydicom_file("CT_small.dcm")
+    assert send_files(listener.port, path, path) == [status.OUT_OF_RESOURCES] * 2
+    rejected = stack.registry.get_sample_value(
+        "triage_rejections_total", {"reason": "out-of-resources"}
     )
-    listener.start()
-    try:
-        path = pydicom_file("CT_small.dcm")
-        assert send_files(listener.port, path, path) == [status.OUT_OF_RESOURCES] * 2
-        rejected = registry.get_sample_value(
-            "triage_rejections_total", {"reason": "out-of-resources"}
-        )
-        assert rejected == 2.0
-        with session_scope(factory) as session:
-            assert session.scalar(select(func.count()).select_from(Instance)) == 0
-    finally:
-        listener.stop()
-        engine.dispose()
+    assert rejected == 2.0
+    with session_scope(stack.session_factory) as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 0
 
 
 def test_metrics_count_instances_and_bytes(receiver: Receiver, tmp_path: Path) -> None:

@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import ssl
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
 from pynetdicom import AE
 
+from tests.conftest import StackFactory
 from triage.config import Settings, TlsFiles
-from triage.db import migrate
-from triage.db.session import create_db_engine, make_session_factory
-from triage.ingest.pipeline import Ingestor
-from triage.metrics import IngestMetrics
 from triage.receiver.scp import DicomListener
-from triage.receiver.spool import Spool
 
 VERIFICATION = "1.2.840.10008.1.1"
 
@@ -39,25 +33,12 @@ def certs(tmp_path: Path) -> dict[str, tuple[Path, Path]]:
     return {name: make_cert(tmp_path, name) for name in ("server", "client")}
 
 
-@contextmanager
-def tls_listener(settings: Settings, tls: TlsFiles) -> Iterator[DicomListener]:
-    settings = settings.model_copy(update={"tls": tls})
-    engine = create_db_engine(settings.database_url)
-    migrate.upgrade(engine)
-    factory = make_session_factory(engine)
-    metrics = IngestMetrics(CollectorRegistry())
-    listener = DicomListener(
-        settings,
-        ingestor=Ingestor(
-            spool=Spool.for_settings(settings), session_factory=factory, metrics=metrics
-        ),
-        session_factory=factory,
-        metrics=metrics,
-    )
-    listener.start()
-    yield listener
-    listener.stop()
-    engine.dispose()
+@pytest.fixture
+def tls_listener(
+    settings: Settings, stack_factory: StackFactory
+) -> Callable[[TlsFiles], DicomListener]:
+    """Starts a listener with the given TLS files; ``stack_factory`` stops it at teardown."""
+    return lambda tls: stack_factory(settings.model_copy(update={"tls": tls})).listener()
 
 
 def echo(port: int, context: ssl.SSLContext | None) -> bool:
@@ -85,25 +66,25 @@ def client_context(
 
 
 def test_tls_echo_and_plain_tcp_refused(
-    settings: Settings, certs: dict[str, tuple[Path, Path]]
+    tls_listener: Callable[[TlsFiles], DicomListener], certs: dict[str, tuple[Path, Path]]
 ) -> None:
     server_cert, server_key = certs["server"]
     tls = TlsFiles(cert_file=server_cert, key_file=server_key)
-    with tls_listener(settings, tls) as listener:
-        assert echo(listener.port, client_context(server_cert))
-        assert not echo(listener.port, None)
-        assert not echo(listener.port, client_context(server_cert, tls=ssl.TLSVersion.TLSv1_1))
+    listener = tls_listener(tls)
+    assert echo(listener.port, client_context(server_cert))
+    assert not echo(listener.port, None)
+    assert not echo(listener.port, client_context(server_cert, tls=ssl.TLSVersion.TLSv1_1))
 
 
 def test_mutual_tls_requires_a_trusted_client_certificate(
-    settings: Settings, certs: dict[str, tuple[Path, Path]]
+    tls_listener: Callable[[TlsFiles], DicomListener], certs: dict[str, tuple[Path, Path]]
 ) -> None:
     server_cert, server_key = certs["server"]
     client_cert, _ = certs["client"]
     tls = TlsFiles(
         cert_file=server_cert, key_file=server_key, ca_file=client_cert, require_client_cert=True
     )
-    with tls_listener(settings, tls) as listener:
-        assert echo(listener.port, client_context(server_cert, certs["client"]))
-        assert not echo(listener.port, client_context(server_cert))
-        assert not echo(listener.port, client_context(server_cert, certs["server"]))
+    listener = tls_listener(tls)
+    assert echo(listener.port, client_context(server_cert, certs["client"]))
+    assert not echo(listener.port, client_context(server_cert))
+    assert not echo(listener.port, client_context(server_cert, certs["server"]))

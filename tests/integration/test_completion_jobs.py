@@ -1,0 +1,97 @@
+"""Completion -> routing -> one job per model, sent to the broker by task name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import select
+
+from tests.conftest import StackFactory
+from tests.helpers.instances import ct_study
+from triage.broker import TaskSender, broker_url, queue_depths
+from triage.catalog import ModelDescription
+from triage.config import RoutingRule, Settings
+from triage.db.base import utcnow
+from triage.db.models import AuditEvent, Job, Study, StudyStatus, WorkState
+from triage.db.session import session_scope
+from triage.ingest.completion import StudyCompletionWatcher
+
+MODEL = ModelDescription(name="ct-head-hyperdensity", version="1.0.0", format="torchscript")
+
+
+def test_completed_studies_get_jobs_on_the_broker(
+    settings: Settings, tmp_path: Path, stack_factory: StackFactory
+) -> None:
+    settings = settings.model_copy(
+        update={
+            "routing_rules": [
+                RoutingRule(name="head", models=["ct-head-hyperdensity"], body_part="HEAD"),
+                RoutingRule(name="knee", models=["knee-model"], body_part="KNEE"),
+            ]
+        }
+    )
+    stack = stack_factory(settings)
+    factory = stack.session_factory
+    sender = TaskSender(settings)
+    watcher = StudyCompletionWatcher(
+        settings, factory, catalog=lambda: {MODEL.name: MODEL}, send_job=sender.analyze_study
+    )
+
+    head = ct_study(tmp_path / "head", 3)
+    stack.ingest(*head.paths)
+    assert watcher.poll() == []  # quiet period (5 s) not over, association not released
+    watcher.association_ended({head.study_uid})
+    later = utcnow().replace(microsecond=0)
+    assert watcher.poll(now=later.replace(year=later.year + 1)) == [head.study_uid]
+
+    with session_scope(factory) as session:
+        study = session.scalars(select(Study)).one()
+        job = session.scalars(select(Job)).one()
+        assert study.status == StudyStatus.ANALYZING
+        assert (job.model_name, job.model_version, job.state, job.round) == (
+            MODEL.name,
+            MODEL.version,
+            WorkState.QUEUED,
+            1,
+        )
+        first_job_id = job.id
+    assert queue_depths(broker_url(settings))["inference"] == 1
+
+    # A late instance re-opens the study; the same job row is queued again for round 2.
+    stack.ingest(*ct_study(tmp_path / "late", 1, study_uid=head.study_uid).paths)
+    watcher.poll(now=later.replace(year=later.year + 2))
+    with session_scope(factory) as session:
+        job = session.scalars(select(Job)).one()
+        assert (job.id, job.round, job.state) == (first_job_id, 2, WorkState.QUEUED)
+        kinds = session.scalars(select(AuditEvent.kind).order_by(AuditEvent.id)).all()
+        assert kinds == ["study_complete", "study_reopened", "study_complete", "job_requeued"]
+    assert queue_depths(broker_url(settings))["inference"] == 2
+    sender.close()
+
+
+def test_no_rule_and_missing_model(
+    settings: Settings, tmp_path: Path, stack_factory: StackFactory
+) -> None:
+    settings = settings.model_copy(
+        update={
+            "routing_rules": [RoutingRule(name="knee", models=["knee-model"], body_part="HEAD")]
+        }
+    )
+    stack = stack_factory(settings)
+    factory = stack.session_factory
+    sent = ct_study(tmp_path / "a", 1)
+    stack.ingest(*sent.paths)
+    watcher = StudyCompletionWatcher(settings, factory, catalog=dict)
+    far = utcnow().replace(year=utcnow().year + 1)
+    assert watcher.poll(now=far) == [sent.study_uid]
+    with session_scope(factory) as session:
+        study = session.scalars(select(Study)).one()
+        assert study.status == StudyStatus.FAILED
+        assert study.status_reason == "model not installed: knee-model"
+
+    other = settings.model_copy(update={"routing_rules": []})
+    stack.ingest(*ct_study(tmp_path / "b", 1).paths)
+    StudyCompletionWatcher(other, factory, catalog=dict).poll(now=far)
+    with session_scope(factory) as session:
+        statuses = sorted(str(s.status) for s in session.scalars(select(Study)))
+        assert statuses == ["analyzed", "failed"]
