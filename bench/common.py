@@ -1,0 +1,216 @@
+"""Helpers any benchmark can reuse: free ports, child processes that always stop, medians, and
+a one-line description of the machine the figures were taken on."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def clean_env(
+    extra: Mapping[str, str] | None = None, *, drop_prefix: str = "TRIAGE_"
+) -> dict[str, str]:
+    """This process's environment without ``drop_prefix*`` variables, plus ``extra``.
+
+    A benchmark must not pick up the caller's configuration (another database, another port).
+    """
+    env = {key: value for key, value in os.environ.items() if not key.startswith(drop_prefix)}
+    env.update(extra or {})
+    return env
+
+
+class ProcessError(RuntimeError):
+    """A child process failed, or did not become ready in time."""
+
+
+def wait_for_port(
+    port: int,
+    *,
+    process: subprocess.Popen[bytes] | None = None,
+    timeout: float = 60.0,
+    host: str = LOOPBACK,
+) -> float:
+    """Block until ``host:port`` accepts a TCP connection; return the seconds waited.
+
+    Raises ProcessError if ``process`` exits first or ``timeout`` passes.
+    """
+    started = time.monotonic()
+    deadline = started + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise ProcessError(
+                f"{process.args!r} exited with {process.returncode} before listening"
+            )
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1.0):
+            return time.monotonic() - started
+        time.sleep(0.05)
+    raise ProcessError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
+
+
+def stop_process(process: subprocess.Popen[bytes], *, grace: float = 15.0) -> int | None:
+    """SIGTERM the process group ``process`` leads (started with ``start_new_session=True``),
+    then SIGKILL it if it is still there after ``grace`` seconds. Returns the exit status."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=grace)
+    else:
+        # The leader is gone; children it forked (storescp --fork) may not be.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+    return process.returncode
+
+
+@contextlib.contextmanager
+def running(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    log_path: Path | None = None,
+    cwd: Path | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start ``argv`` in its own process group and stop the whole group when the block ends,
+    on success and on failure alike. Output goes to ``log_path`` (or is discarded)."""
+    with contextlib.ExitStack() as stack:
+        output = (
+            stack.enter_context(log_path.open("wb")) if log_path is not None else subprocess.DEVNULL
+        )
+        process = subprocess.Popen(
+            list(argv),
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            yield process
+        finally:
+            stop_process(process)
+
+
+def run_all(
+    commands: Sequence[Sequence[str]],
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float,
+    log_dir: Path,
+) -> float:
+    """Start ``commands`` at the same moment, wait for all; return the wall-clock seconds from
+    the first start to the last exit. Raises ProcessError on a non-zero exit or the timeout
+    (every process still running is killed first)."""
+    processes: list[subprocess.Popen[bytes]] = []
+    logs = [log_dir / f"client-{index}.log" for index in range(len(commands))]
+    with contextlib.ExitStack() as stack:
+        outputs = [stack.enter_context(path.open("wb")) for path in logs]
+        started = time.perf_counter()
+        try:
+            for argv, output in zip(commands, outputs, strict=True):
+                processes.append(
+                    subprocess.Popen(
+                        list(argv),
+                        env=dict(env) if env is not None else None,
+                        stdin=subprocess.DEVNULL,
+                        stdout=output,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+            deadline = started + timeout
+            for process in processes:
+                remaining = max(deadline - time.perf_counter(), 0.001)
+                try:
+                    process.wait(timeout=remaining)
+                except subprocess.TimeoutExpired as exc:
+                    raise ProcessError(
+                        f"{argv_name(process)} still running after {timeout:g} s"
+                    ) from exc
+            elapsed = time.perf_counter() - started
+        finally:
+            for process in processes:
+                stop_process(process, grace=2.0)
+    for process, path in zip(processes, logs, strict=True):
+        if process.returncode != 0:
+            tail = path.read_text(errors="replace")[-2000:]
+            raise ProcessError(f"{argv_name(process)} exited with {process.returncode}:\n{tail}")
+    return elapsed
+
+
+def argv_name(process: subprocess.Popen[bytes]) -> str:
+    args = process.args
+    if isinstance(args, (list, tuple)) and args:
+        return str(args[0])
+    return str(args)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU seconds process ``pid`` has used so far (Linux), else None.
+
+    On a shared machine CPU per unit of work is steadier than wall-clock time."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine() -> str:
+    """CPU model, cores, memory and kernel: where the figures were taken."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory = ""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory = f", {int(line.split()[1]) / 1024**2:.0f} GiB RAM"
+                break
+    return f"{cpu}, {os.cpu_count()} CPUs{memory}, Linux {platform.release()}"
+
+
+def filesystem(path: Path) -> str:
+    """Filesystem type and device of ``path`` (from /proc/mounts): fsync costs depend on it."""
+    best = ("", "?", "?")
+    with contextlib.suppress(OSError):
+        resolved = str(path.resolve())
+        for line in Path("/proc/mounts").read_text().splitlines():
+            device, mount, kind, *_ = line.split()
+            inside = resolved == mount or resolved.startswith(mount.rstrip("/") + "/")
+            if inside and len(mount) > len(best[0]):
+                best = (mount, kind, device)
+    return f"{best[1]} on {best[2]}"
+
+
+def today() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d")
