@@ -215,11 +215,40 @@ class Settings(BaseSettings):
     workers: Annotated[int, Field(ge=0, le=64)] = 1
     # Redis redelivers an unacknowledged task after this long: keep it above the slowest job.
     visibility_timeout_seconds: Annotated[float, Field(gt=0)] = 3600.0
+    # The database decides what is owed: a job still queued after job_resend_seconds, or
+    # running after job_timeout_seconds, is sent to the broker again by the sweeper.
+    job_resend_seconds: Annotated[float, Field(gt=0)] = 300.0
+    job_timeout_seconds: Annotated[float, Field(gt=0)] = 1800.0
 
     # Results and routing
     destinations: list[Destination] = Field(default_factory=list)
+    # A failed delivery is retried with exponential backoff (and jitter) up to a cap; after
+    # delivery_max_attempts it becomes a failure for `triage-admin failures`. A destination that
+    # fails destination_pause_after_failures times in a row is paused, the others keep flowing.
+    delivery_max_attempts: Annotated[int, Field(ge=1)] = 10
+    delivery_backoff_seconds: Annotated[float, Field(gt=0)] = 5.0
+    delivery_backoff_max_seconds: Annotated[float, Field(gt=0)] = 600.0
+    destination_pause_after_failures: Annotated[int, Field(ge=1)] = 3
+    destination_pause_seconds: Annotated[float, Field(ge=0)] = 120.0
     models_dir: Path | None = None
     routing_rules: list[RoutingRule] = Field(default_factory=_default_rules)
+
+    # Worklist: target turnaround per tier (a study past its target escalates), how long a
+    # radiologist's claim lasts, and a viewer link per study ({study_uid} is replaced).
+    critical_target_minutes: Annotated[float, Field(ge=1)] = 15
+    urgent_target_minutes: Annotated[float, Field(ge=1)] = 60
+    routine_target_minutes: Annotated[float, Field(ge=1)] = 1440
+    claim_minutes: Annotated[float, Field(gt=0)] = 30
+    viewer_url_template: str = ""
+
+    # Outward notifications of critical findings: a JSON webhook signed with HMAC-SHA256
+    # (header X-Triage-Signature), and an HL7 v2 ORU^R01 over MLLP to a RIS ("host:port").
+    webhook_url: str = ""
+    webhook_secret: SecretStr | None = None
+    hl7_destination: str = ""
+    hl7_sending_facility: str = "TRIAGE"
+    hl7_receiving_application: str = "RIS"
+    hl7_receiving_facility: str = "HOSPITAL"
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

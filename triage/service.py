@@ -7,6 +7,7 @@ import logging
 import signal
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
@@ -18,12 +19,16 @@ from triage.broker import TaskSender
 from triage.config import Settings
 from triage.db import migrate
 from triage.db.session import create_db_engine, make_session_factory
+from triage.embedded import LocalWorkers
 from triage.ingest.completion import StudyCompletionWatcher
 from triage.ingest.pipeline import Ingestor
 from triage.ingest.reconcile import reconcile_spool
+from triage.ingest.sweeper import Sweeper
 from triage.metrics import IngestMetrics
+from triage.notify import Notifier
 from triage.receiver.scp import DicomListener
 from triage.receiver.spool import Spool
+from triage.worklist.service import WorklistClock
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +42,10 @@ class _HttpServer(uvicorn.Server):
 
 
 class TriageService:
-    """Owns the database engine, the DICOM listener, the completion watcher and the HTTP server
-    of one ``triage serve`` process."""
+    """Owns the database engine, the DICOM listener, the completion watcher, the sweeper, the
+    local workers (embedded default) and the HTTP server of one ``triage serve`` process."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, config_file: Path | None = None) -> None:
         self.settings = settings
         self.engine = create_db_engine(settings.database_url)
         self.session_factory = make_session_factory(self.engine)
@@ -63,6 +68,21 @@ class TriageService:
             metrics=self.metrics,
             on_association_end=self.watcher.association_ended,
         )
+        self.sweeper = Sweeper(
+            settings,
+            self.session_factory,
+            self.sender.analyze_study,
+            self.sender.dispatch_result,
+        )
+        # Embedded default: this process runs the workers too. With a broker configured,
+        # workers are started on their own machines with `triage worker`.
+        self.local_workers = (
+            LocalWorkers(
+                settings.workers, config_file=config_file, log_dir=settings.data_dir / "logs"
+            )
+            if settings.embedded_broker and settings.workers
+            else None
+        )
 
     def stop(self) -> None:
         """Ask every component to finish; safe from a signal handler or another thread."""
@@ -81,7 +101,7 @@ class TriageService:
         reconcile_spool(ingestor=self.ingestor, session_factory=self.session_factory)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
-        app = create_app(settings, self.session_factory, self.registry)
+        app = create_app(settings, self.session_factory, self.registry, self.sender, self.stopping)
         self._http = _HttpServer(
             uvicorn.Config(
                 app,
@@ -89,6 +109,7 @@ class TriageService:
                 port=settings.http_port,
                 log_level=settings.log_level.lower(),
                 access_log=False,
+                timeout_graceful_shutdown=5,
             )
         )
         log.info(
@@ -96,18 +117,35 @@ class TriageService:
             __version__,
             extra={"data_dir": settings.data_dir, "http_port": settings.http_port},
         )
-        watcher = threading.Thread(
-            target=self.watcher.run, args=(self.stopping,), name="completion", daemon=True
-        )
+        loops = [
+            threading.Thread(target=loop, args=(self.stopping,), name=name, daemon=True)
+            for name, loop in (
+                ("completion", self.watcher.run),
+                ("sweeper", self.sweeper.run),
+                ("worklist-clock", WorklistClock(settings, self.session_factory).run),
+                ("notifier", Notifier(settings, self.session_factory).run),
+            )
+        ]
+        if self.local_workers is not None:
+            self.local_workers.start()
+            loops.append(
+                threading.Thread(
+                    target=self.local_workers.watch, args=(self.stopping,), name="workers"
+                )
+            )
         self.listener.start()
-        watcher.start()
+        for loop in loops:
+            loop.start()
         try:
             if not self.stopping.is_set():
                 self._http.run()
         finally:
             self.stopping.set()
             self.listener.stop()
-            watcher.join(timeout=5)
+            for loop in loops:
+                loop.join(timeout=5)
+            if self.local_workers is not None:
+                self.local_workers.stop()
             self.sender.close()
             self.engine.dispose()
             log.info("triage stopped")

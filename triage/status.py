@@ -13,7 +13,15 @@ from triage.db.base import utcnow
 from triage.db.models import AuditEvent, Delivery, Instance, Job, Study
 
 # Audit kinds that an administrator reads as errors.
-ERROR_KINDS = ("rejection", "job_failed", "delivery_failed", "spool_missing", "quarantine")
+ERROR_KINDS = (
+    "rejection",
+    "job_failed",
+    "delivery_failed",
+    "results_failed",
+    "notification_failed",
+    "spool_missing",
+    "quarantine",
+)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ from triage.broker import (
     transport_options,
 )
 from triage.config import Settings
+from workers.context import WorkerContext
+from workers.tasks import register_tasks
 
 
 def create_celery(settings: Settings) -> Celery:
@@ -40,4 +42,5 @@ def create_celery(settings: Settings) -> Celery:
     if settings.embedded_broker:
         # kombu's SQLAlchemy transport polls; passing this in transport options breaks it.
         app.conf.broker_polling_interval = 0.1
+    register_tasks(app, WorkerContext(settings))
     return app

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
+import numpy as np
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -80,3 +81,34 @@ def dataset_body(ds: Dataset) -> bytes:
     buffer.is_little_endian = True
     write_dataset(buffer, ds)
     return buffer.getvalue()
+
+
+CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+
+
+def radiograph(out_dir: Path, *, rows: int = 256, cols: int = 256) -> SentStudy:
+    """One CR chest image: a study of its own, no patient geometry (as projection images are)."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CR_IMAGE_STORAGE
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = CR_IMAGE_STORAGE
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName, ds.PatientID = "RADIOGRAPH^TEST", "RAD0001"
+    ds.Modality, ds.BodyPartExamined = "CR", "CHEST"
+    ds.SeriesNumber, ds.InstanceNumber = 1, 1
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.ImagerPixelSpacing = [0.2, 0.2]
+    ds.PatientOrientation = ["L", "F"]
+    ds.StudyDate, ds.StudyTime, ds.AccessionNumber = "20261121", "101500", "CR0001"
+    ds.ReferringPhysicianName, ds.StudyID = "", "1"
+    pixels = np.random.default_rng(7).integers(0, 4096, (rows, cols), dtype=np.uint16)
+    ds.PixelData = pixels.tobytes()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "cr.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return SentStudy(ds.StudyInstanceUID, ds.SeriesInstanceUID, [path])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
+from pydicom import dcmread
 from sqlalchemy import select
 
 from tests.conftest import StackFactory
@@ -15,6 +17,7 @@ from triage.db.base import utcnow
 from triage.db.models import AuditEvent, Job, Study, StudyStatus, WorkState
 from triage.db.session import session_scope
 from triage.ingest.completion import StudyCompletionWatcher
+from triage.ingest.sweeper import Sweeper
 
 MODEL = ModelDescription(name="ct-head-hyperdensity", version="1.0.0", format="torchscript")
 
@@ -95,3 +98,60 @@ def test_no_rule_and_missing_model(
     with session_scope(factory) as session:
         statuses = sorted(str(s.status) for s in session.scalars(select(Study)))
         assert statuses == ["analyzed", "failed"]
+
+
+def test_sweeper_resends_jobs_the_broker_lost(
+    settings: Settings, tmp_path: Path, stack_factory: StackFactory
+) -> None:
+    stack = stack_factory(settings)
+    stack.ingest(*ct_study(tmp_path / "head", 2).paths)
+    watcher = StudyCompletionWatcher(
+        settings, stack.session_factory, catalog=lambda: {MODEL.name: MODEL}
+    )
+    start = utcnow()
+    watcher.poll(now=start + timedelta(days=1))  # queued, but never sent: a lost message
+    sender = TaskSender(settings)
+    sweeper = Sweeper(settings, stack.session_factory, sender.analyze_study)
+    assert sweeper.sweep(now=utcnow()) == []  # not overdue yet
+    overdue = utcnow() + timedelta(seconds=settings.job_resend_seconds + 1)
+    (job_id,) = sweeper.sweep(now=overdue)
+    assert queue_depths(broker_url(settings))["inference"] == 1
+    assert sweeper.sweep(now=overdue) == []  # touched again: not re-sent twice
+
+    # A worker died while running it: re-sent after the job timeout, as queued.
+    with session_scope(stack.session_factory) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.state = WorkState.RUNNING
+        job.touched_at = overdue
+    late = overdue + timedelta(seconds=settings.job_timeout_seconds + 1)
+    assert sweeper.sweep(now=late) == [job_id]
+    with session_scope(stack.session_factory) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        assert job.state == WorkState.QUEUED
+        resent = session.scalars(select(AuditEvent).where(AuditEvent.kind == "job_resent")).all()
+        assert [e.detail["previous_state"] for e in resent] == ["queued", "running"]
+    assert queue_depths(broker_url(settings))["inference"] == 2
+    sender.close()
+
+
+def test_expected_instance_count_completes_at_once(
+    settings: Settings, tmp_path: Path, stack_factory: StackFactory
+) -> None:
+    """A sender that says how many instances the study has needs no quiet period."""
+    settings = settings.model_copy(update={"routing_rules": []})
+    stack = stack_factory(settings)
+    sent = ct_study(tmp_path / "a", 3)
+    for path in sent.paths:
+        ds = dcmread(path)
+        ds.NumberOfStudyRelatedInstances = 3
+        ds.save_as(path)
+    watcher = StudyCompletionWatcher(settings, stack.session_factory, catalog=dict)
+    stack.ingest(*sent.paths[:2])
+    assert watcher.poll() == []
+    stack.ingest(sent.paths[2])
+    assert watcher.poll() == [sent.study_uid]
+    with session_scope(stack.session_factory) as session:
+        event = session.scalars(select(AuditEvent).where(AuditEvent.kind == "study_complete")).one()
+        assert event.detail["reason"] == "expected instance count reached"

@@ -2,22 +2,44 @@
 
 from __future__ import annotations
 
+import threading
+from importlib.resources import files
+
 from fastapi import FastAPI, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from triage import __version__
+from triage.api.deps import AnyCaller
+from triage.api.routes import router
+from triage.broker import TaskSender
 from triage.config import Settings
 from triage.db.session import SessionFactory, session_scope
 
 
 def create_app(
-    settings: Settings, session_factory: SessionFactory, registry: CollectorRegistry
+    settings: Settings,
+    session_factory: SessionFactory,
+    registry: CollectorRegistry,
+    sender: TaskSender | None = None,
+    stopping: threading.Event | None = None,
 ) -> FastAPI:
-    app = FastAPI(title="triage", version=__version__, docs_url="/api/docs")
+    """``stopping`` ends open event streams when the service shuts down."""
+    app = FastAPI(
+        title="triage",
+        version=__version__,
+        docs_url="/api/docs",
+        openapi_url="/api/openapi.json",
+        description="The reading worklist, most urgent first, with the AI findings behind it.",
+    )
     app.state.settings = settings
+    app.state.session_factory = session_factory
+    app.state.sender = sender or TaskSender(settings)
+    app.state.stopping = stopping or threading.Event()
+    app.include_router(router)
+    page = files("triage.api").joinpath("static/worklist.html").read_text()
 
     @app.get("/healthz", tags=["operations"])
     def healthz() -> JSONResponse:
@@ -32,8 +54,13 @@ def create_app(
         return JSONResponse({"status": "ok", "version": __version__})
 
     @app.get("/metrics", tags=["operations"])
-    def metrics() -> Response:
+    def metrics(caller: AnyCaller) -> Response:
         """Prometheus exposition of triage's counters and gauges."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def worklist_page() -> HTMLResponse:
+        """The web worklist; it asks for a token and keeps it in the browser."""
+        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
     return app

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,12 +22,15 @@ from rich.table import Table
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
-from triage.broker import broker_url, queue_depths
+from triage.broker import TaskSender, broker_url, queue_depths
+from triage.cli import peers, reading
 from triage.cli.common import ConfigOption, JsonOption, err_console, fail, load_settings
 from triage.db import migrate
 from triage.db.session import create_db_engine, make_session_factory, session_scope
 from triage.errors import DicomInputError, OutOfResourcesError
+from triage.failures import list_failures, requeue
 from triage.ingest.pipeline import Ingestor
+from triage.ingest.reprocess import ReprocessError, reprocess_by_uid
 from triage.ingest.sources import import_sources
 from triage.metrics import IngestMetrics
 from triage.receiver.spool import Spool
@@ -159,3 +165,132 @@ def _import_one(ingestor: Ingestor, file: Path) -> str:
         return "rejected"
     except OutOfResourcesError:
         return "out-of-resources"
+
+
+models_app = typer.Typer(help="Detection models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Every model found (bundled and in models_dir): version, what it applies to, the device it
+    runs on and whether it loads. Loads each model once, as a worker would."""
+    load_settings(config)  # one clear line, exit 2, on a bad configuration
+    env = dict(os.environ)
+    if config is not None:
+        env["TRIAGE_CONFIG"] = str(config)
+    result = subprocess.run(
+        [sys.executable, "-m", "workers.describe"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if result.returncode != 0:
+        fail(f"could not load the models: {result.stderr.strip().splitlines()[-1:]}")
+    statuses = json.loads(result.stdout)
+    if as_json:
+        print(json.dumps(statuses, indent=2))
+        return
+    table = Table(title="models")
+    for column in ("name", "version", "format", "applies to", "device", "state"):
+        table.add_column(column)
+    for status in statuses:
+        state = status["state"] if not status["error"] else f"error: {status['error']}"
+        table.add_row(
+            status["name"],
+            status["version"] or "",
+            status["format"] or "",
+            status["applies_to"],
+            status["device"] or "",
+            state,
+        )
+    console.print(table)
+
+
+@app.command("reprocess")
+def reprocess(
+    study_uid: Annotated[str, typer.Argument(help="Study Instance UID.")],
+    model: Annotated[
+        str | None, typer.Option("--model", help="Only this model (default: every routed one).")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Analyse a study again. Results replace the earlier ones (same DICOM UIDs)."""
+    settings = load_settings(config)
+    try:
+        job_ids = reprocess_by_uid(
+            settings=settings,
+            session_factory=make_session_factory(create_db_engine(settings.database_url)),
+            study_uid=study_uid,
+            model=model,
+            actor="triage-admin",
+        )
+    except ReprocessError as exc:
+        fail(str(exc))
+    sender = TaskSender(settings)
+    sent = sum(sender.analyze_study(job_id) for job_id in job_ids)
+    sender.close()
+    console.print(f"queued {len(job_ids)} job(s) for {study_uid}; {sent} sent to the broker")
+
+
+failures_app = typer.Typer(help="Failed jobs and deliveries.", no_args_is_help=True)
+app.add_typer(failures_app, name="failures")
+
+
+@failures_app.command("list")
+def failures_list(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Jobs and deliveries that failed for good, with the reason."""
+    settings = load_settings(config)
+    with session_scope(make_session_factory(create_db_engine(settings.database_url))) as session:
+        failures = list_failures(db_session=session)
+    if as_json:
+        rows = [
+            {**dataclasses.asdict(f), "at": f.at.isoformat() if f.at else None} for f in failures
+        ]
+        print(json.dumps(rows, indent=2))
+        return
+    if not failures:
+        console.print("no failures")
+        return
+    table = Table(title="failures")
+    for column in ("kind", "id", "study", "what", "attempts", "reason"):
+        table.add_column(column)
+    for f in failures:
+        table.add_row(f.kind, str(f.id), f.study_uid, f.what, str(f.attempts), f.reason)
+    console.print(table)
+
+
+@failures_app.command("retry")
+def failures_retry(
+    job: Annotated[list[int] | None, typer.Option("--job", help="A failed job id.")] = None,
+    delivery: Annotated[
+        list[int] | None, typer.Option("--delivery", help="A failed delivery id.")
+    ] = None,
+    retry_all: Annotated[bool, typer.Option("--all", help="Every failure listed.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Queue failed jobs and deliveries again (see `failures list` for their ids)."""
+    settings = load_settings(config)
+    if not (job or delivery or retry_all):
+        fail("name --job ID, --delivery ID or --all")
+    with session_scope(make_session_factory(create_db_engine(settings.database_url))) as session:
+        if retry_all:
+            failures = list_failures(db_session=session)
+            job = [f.id for f in failures if f.kind == "job"]
+            delivery = [f.id for f in failures if f.kind == "delivery"]
+        jobs, deliveries = requeue(
+            db_session=session, jobs=job or [], deliveries=delivery or [], actor="triage-admin"
+        )
+    sender = TaskSender(settings)
+    for job_id in jobs:
+        sender.analyze_study(job_id)
+    for delivery_id in deliveries:
+        sender.dispatch_result(delivery_id)
+    sender.close()
+    console.print(f"re-queued {len(jobs)} job(s) and {len(deliveries)} delivery(ies)")
+
+
+reading.register(app)
+peers.register(app)

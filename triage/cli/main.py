@@ -39,16 +39,29 @@ def main(
 
 
 @app.command()
-def serve(config: ConfigOption = None) -> None:
+def serve(
+    config: ConfigOption = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            help="Local worker processes in the embedded default (overrides the workers setting).",
+            min=0,
+        ),
+    ] = None,
+) -> None:
     """Run the DICOM listener, the study completion watcher and the web server.
 
     With no broker_url configured this is the embedded default: a SQLite database and broker
-    in data_dir, nothing else to install. The database schema is upgraded on start.
+    in data_dir and local worker processes, nothing else to install. The database schema is
+    upgraded on start.
     """
     from triage.service import TriageService
 
     settings = load_settings(config)
-    TriageService(settings).run()
+    if workers is not None:
+        settings = settings.model_copy(update={"workers": workers})
+    TriageService(settings, config_file=config).run()
 
 
 @app.command(

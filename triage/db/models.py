@@ -252,6 +252,20 @@ class Delivery(Base):
     result: Mapped[ResultObject] = relationship(back_populates="deliveries")
 
 
+class DestinationState(Base):
+    """How a destination has been answering; a destination that keeps failing is paused."""
+
+    __tablename__ = "destination_states"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
+    paused_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_success_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+
 class WorklistEntry(Base):
     """Where a study stands on the reading worklist, and who is reading it."""
 
@@ -288,6 +302,29 @@ class PriorityChange(Base):
     old_score: Mapped[float | None] = mapped_column(Float)
     new_score: Mapped[float] = mapped_column(Float)
     reason: Mapped[str] = mapped_column(String(500))
+
+
+class Notification(Base):
+    """An outward message owed (webhook, HL7), sent and retried by the notifier.
+
+    ``dedup_key`` makes it exactly one message per critical finding and round.
+    """
+
+    __tablename__ = "notifications"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    channel: Mapped[str] = mapped_column(String(16))
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    dedup_key: Mapped[str] = mapped_column(String(255), unique=True)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[WorkState] = mapped_column(
+        enum_type(WorkState), default=WorkState.QUEUED, index=True
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[datetime] = _created()
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = _created()
 
 
 class Peer(Base):

@@ -11,10 +11,8 @@ from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
-from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
@@ -74,10 +72,15 @@ def _order_priority(ds: Dataset) -> str | None:
     return None
 
 
-def _check_structure(data: bytes) -> None:
-    """Raise unless every top-level element of the dataset fits inside ``data``.
+# Values larger than this are skipped, not read: pixel data, overlays, big private blobs.
+DEFER_BYTES = 4096
+
+
+def _read_checked(data: bytes) -> Dataset:
+    """Read the dataset's elements once, checking that each fits inside ``data``.
 
     pydicom reads a short value without complaint, so a truncated send would otherwise pass.
+    Large values are left unread; the header attributes the index needs are all small.
     """
     fp = BytesIO(data)
     read_preamble(fp, False)
@@ -90,13 +93,20 @@ def _check_structure(data: bytes) -> None:
         end = len(data)
     implicit = syntax.is_implicit_VR if syntax.is_transfer_syntax else False
     little = syntax.is_little_endian if syntax.is_transfer_syntax else True
-    for element in data_element_generator(fp, implicit, little, defer_size=64):
-        if not isinstance(element, RawDataElement):
-            continue  # a sequence, already read item by item
-        if element.length != UNDEFINED_LENGTH and element.value_tell + element.length > end:
-            raise DicomInputError(
-                f"element {element.tag} declares {element.length} bytes past the end of the data"
-            )
+    elements = {}
+    for element in data_element_generator(fp, implicit, little, defer_size=DEFER_BYTES):
+        if isinstance(element, RawDataElement):
+            if element.length != UNDEFINED_LENGTH and element.value_tell + element.length > end:
+                raise DicomInputError(
+                    f"element {element.tag} declares {element.length} bytes past the end"
+                )
+            if element.value is None and element.length > DEFER_BYTES:
+                continue  # deferred: not needed for the index
+        elements[element.tag] = element
+    ds = Dataset(elements)
+    ds.file_meta = meta
+    ds.set_original_encoding(implicit, little)
+    return ds
 
 
 def parse_header(data: bytes) -> InstanceHeader:
@@ -105,16 +115,11 @@ def parse_header(data: bytes) -> InstanceHeader:
     Raises DicomInputError for anything that cannot be parsed or lacks a valid identifying UID.
     """
     try:
-        _check_structure(data)
-        ds = dcmread(BytesIO(data), stop_before_pixels=True)
-        header = _header_from(ds)
+        return _header_from(_read_checked(data))
     except DicomInputError:
         raise
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, zlib.error) as exc:
-        raise DicomInputError(f"unparseable dataset: {type(exc).__name__}") from exc
     except Exception as exc:  # pydicom raises many kinds on malformed input
         raise DicomInputError(f"unparseable dataset: {type(exc).__name__}") from exc
-    return header
 
 
 def _header_from(ds: Dataset) -> InstanceHeader:

@@ -22,6 +22,7 @@ from triage.db.session import SessionFactory, session_scope
 from triage.ingest.audit import add_event
 from triage.ingest.jobs import queue_jobs
 from triage.ingest.routing import StudyFacts, select_models
+from triage.worklist.service import policy_config, reprioritize
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,14 @@ class StudyCompletionWatcher:
         elif not job_ids:
             study.status = StudyStatus.FAILED
             study.status_reason = f"model not installed: {', '.join(missing)}"
+        db_session.flush()
+        reprioritize(
+            db_session=db_session,
+            study=study,
+            now=now,
+            config=policy_config(self.settings),
+            models=available,
+        )
         return job_ids
 
     def run(self, stopping: threading.Event) -> None:

@@ -54,3 +54,21 @@ def queue_jobs(
     if job_ids:
         study.status = StudyStatus.ANALYZING
     return job_ids
+
+
+def reprocess_study(
+    *, db_session: Session, study: Study, models: Iterable[ModelDescription], actor: str
+) -> list[int]:
+    """Start a new analysis round of ``study`` with ``models``; return the job ids to send."""
+    study.analysis_round += 1
+    study.status_reason = f"reprocess requested by {actor}"
+    models = list(models)
+    add_event(
+        db_session=db_session,
+        kind="reprocess",
+        study_uid=study.study_uid,
+        actor=actor,
+        round=study.analysis_round,
+        models=[m.name for m in models],
+    )
+    return queue_jobs(db_session=db_session, study=study, models=models)

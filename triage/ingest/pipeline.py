@@ -15,7 +15,7 @@ from triage.db.base import utcnow
 from triage.db.session import SessionFactory, session_scope
 from triage.dicom.header import InstanceHeader, parse_header
 from triage.errors import DatasetMismatchError, OutOfResourcesError
-from triage.ingest.index import IndexResult, StoreOutcome, find_identical, index_instance
+from triage.ingest.index import IndexResult, StoreOutcome, index_instance
 from triage.metrics import IngestMetrics
 from triage.receiver.spool import Spool, SpooledFile, content_hash
 
@@ -66,25 +66,16 @@ class Ingestor:
         header = parse_header(data)
         if requested is not None and requested != (header.sop_class_uid, header.sop_instance_uid):
             raise DatasetMismatchError("dataset UIDs differ from the C-STORE request")
-        sha256 = content_hash(data)
+        # Duplicates are found inside the index transaction; an identical re-send costs one
+        # spool write that is removed again, which keeps new instances on the short path.
+        spooled = self.spool.write(data)
         try:
-            with session_scope(self.session_factory) as session:
-                held = find_identical(
-                    db_session=session, sop_instance_uid=header.sop_instance_uid, sha256=sha256
-                )
-        except SQLAlchemyError as exc:
-            raise OutOfResourcesError(f"index unavailable: {type(exc).__name__}") from exc
-        if held:
-            result = IndexResult(StoreOutcome.DUPLICATE, header.study_uid)
-        else:
-            spooled = self.spool.write(data, sha256=sha256)
-            try:
-                result = self._index(header, spooled=spooled, calling_ae=calling_ae)
-            except BaseException:
-                self.spool.remove(spooled.file_id)
-                raise
-            if result.outcome is StoreOutcome.DUPLICATE:
-                self.spool.remove(spooled.file_id)  # a concurrent send of the same instance won
+            result = self._index(header, spooled=spooled, calling_ae=calling_ae)
+        except BaseException:
+            self.spool.remove(spooled.file_id)
+            raise
+        if result.outcome is StoreOutcome.DUPLICATE:
+            self.spool.remove(spooled.file_id)
         ingested = Ingested(header, result)
         if result.outcome is StoreOutcome.DUPLICATE:
             self.metrics.duplicates.inc()

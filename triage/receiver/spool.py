@@ -39,6 +39,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_durably(final: Path, data: bytes, *, temporary: Path) -> None:
+    """Write ``data`` to ``temporary``, fsync, rename onto ``final``, fsync the directory."""
+    try:
+        with temporary.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(temporary, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
 class Spool:
     """Files under ``root``: ``objects/ab/<id>.dcm``, ``tmp/``, ``quarantine/``."""
 
@@ -80,15 +95,8 @@ class Spool:
         final = self.path_for(file_id)
         temporary = self.tmp / f"{file_id}.part"
         try:
-            with temporary.open("wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            final.parent.mkdir(exist_ok=True)
-            os.replace(temporary, final)
-            _fsync_dir(final.parent)
+            write_durably(final, data, temporary=temporary)
         except OSError as exc:
-            temporary.unlink(missing_ok=True)
             self._free_checked_at = 0.0  # look again next time
             raise OutOfResourcesError(f"spool write failed: {exc.strerror}") from exc
         return SpooledFile(file_id, final, len(data), sha256 or content_hash(data))

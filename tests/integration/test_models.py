@@ -1,0 +1,120 @@
+"""Models through the job path: a MONAI bundle built here, and ``triage-admin models list``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from pydicom import dcmread
+from sqlalchemy import select
+
+from tests.conftest import StackFactory
+from tests.helpers.bundles import densenet_bundle
+from tests.helpers.instances import radiograph
+from tests.helpers.process import VENV_BIN
+from triage.config import RoutingRule, Settings
+from triage.db.base import utcnow
+from triage.db.models import AuditEvent, Finding, Job, ResultObject, Study, StudyStatus, WorkState
+from triage.db.session import session_scope
+from triage.ingest.completion import StudyCompletionWatcher
+from workers.analysis import analyze
+from workers.context import WorkerContext
+
+
+def test_monai_bundle_runs_through_the_job_path(
+    settings: Settings, tmp_path: Path, stack_factory: StackFactory
+) -> None:
+    models_dir = tmp_path / "models"
+    densenet_bundle(models_dir)
+    settings = settings.model_copy(
+        update={
+            "models_dir": models_dir,
+            "routing_rules": [RoutingRule(name="cxr", models=["cxr-densenet"], modalities=["CR"])],
+        }
+    )
+    stack = stack_factory(settings)
+    study = radiograph(tmp_path / "cr")
+    stack.ingest(*study.paths)
+    far = utcnow().replace(year=utcnow().year + 1)
+    assert StudyCompletionWatcher(settings, stack.session_factory).poll(now=far) == [
+        study.study_uid
+    ]
+    with session_scope(stack.session_factory) as session:
+        job_id = session.scalars(select(Job.id)).one()
+
+    assert analyze(WorkerContext(settings), job_id) == "done"
+    with session_scope(stack.session_factory) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        assert job.state == WorkState.DONE
+        assert job.series_uid == study.series_uid
+        assert set(job.timings) >= {"load_decode", "preprocess", "model", "postprocess"}
+        (finding,) = session.scalars(select(Finding)).all()
+        assert finding.kind == "score"
+        assert 0.0 <= finding.probability <= 1.0
+        assert finding.positive == (finding.probability >= 0.5)
+        assert (finding.code_scheme, finding.code_value) == ("SCT", "36118008")
+        assert session.scalars(select(Study.status)).one() == StudyStatus.ANALYZED
+
+
+def test_models_list_reports_each_model_and_why_one_fails(data_dir: Path, tmp_path: Path) -> None:
+    models_dir = tmp_path / "models"
+    densenet_bundle(models_dir)
+    broken = models_dir / "broken"
+    broken.mkdir()
+    (broken / "model.json").write_text(
+        json.dumps({"name": "broken", "version": "1", "format": "torchscript", "file": "gone.ts"})
+    )
+    env = {**os.environ, "TRIAGE_DATA_DIR": str(data_dir), "TRIAGE_MODELS_DIR": str(models_dir)}
+    result = subprocess.run(
+        [str(VENV_BIN / "triage-admin"), "models", "list", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    statuses = {s["name"]: s for s in json.loads(result.stdout)}
+    assert statuses["cxr-densenet"]["state"] == "loaded"
+    assert statuses["cxr-densenet"]["device"] == "cpu"
+    assert statuses["cxr-densenet"]["applies_to"] == "CR/DX CHEST"
+    assert statuses["broken"]["state"] == "error"
+    assert "gone.ts" in statuses["broken"]["error"]
+
+
+def test_findings_count_even_when_result_objects_cannot_be_built(
+    settings: Settings, tmp_path: Path, stack_factory: StackFactory
+) -> None:
+    """A radiograph without Patient Orientation cannot be referenced in an SR; its score still
+    ranks the worklist, and the administrator sees why nothing went to the PACS."""
+    models_dir = tmp_path / "models"
+    densenet_bundle(models_dir)
+    settings = settings.model_copy(
+        update={
+            "models_dir": models_dir,
+            "routing_rules": [RoutingRule(name="cxr", models=["cxr-densenet"], modalities=["CR"])],
+        }
+    )
+    stack = stack_factory(settings)
+    study = radiograph(tmp_path / "cr")
+    ds = dcmread(study.paths[0])
+    del ds.PatientOrientation
+    ds.save_as(study.paths[0])
+    stack.ingest(*study.paths)
+    far = utcnow().replace(year=utcnow().year + 1)
+    StudyCompletionWatcher(settings, stack.session_factory).poll(now=far)
+    with session_scope(stack.session_factory) as session:
+        job_id = session.scalars(select(Job.id)).one()
+    assert analyze(WorkerContext(settings), job_id) == "done"
+    with session_scope(stack.session_factory) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        assert job.state == WorkState.DONE
+        assert job.reason is not None
+        assert job.reason.startswith("findings stored; result objects not built")
+        assert session.scalars(select(ResultObject)).all() == []
+        kinds = session.scalars(select(AuditEvent.kind)).all()
+        assert "results_failed" in kinds

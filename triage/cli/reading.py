@@ -1,0 +1,153 @@
+"""``triage-admin worklist``, ``study show`` and ``tokens``: the reading side, from a shell."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from triage.api.tokens import create_token, revoke_token
+from triage.cli.common import ConfigOption, JsonOption, fail, load_settings
+from triage.db.base import utcnow
+from triage.db.models import TokenRole
+from triage.db.session import create_db_engine, make_session_factory, session_scope
+from triage.worklist.queries import study_record, worklist
+
+console = Console(highlight=False)
+
+study_app = typer.Typer(help="One study's record.", no_args_is_help=True)
+tokens_app = typer.Typer(
+    help="Bearer tokens for the HTTP API and the web page.", no_args_is_help=True
+)
+
+
+def _minutes(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    sign, seconds = ("-" if seconds < 0 else ""), abs(seconds)
+    hours, minutes = divmod(int(seconds // 60), 60)
+    return f"{sign}{hours}h{minutes:02d}" if hours else f"{sign}{minutes} min"
+
+
+def worklist_command(
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+    limit: Annotated[int, typer.Option(help="How many studies.")] = 50,
+) -> None:
+    """The reading worklist in the same order as the web page: most urgent first."""
+    settings = load_settings(config)
+    factory = make_session_factory(create_db_engine(settings.database_url))
+    with session_scope(factory) as session:
+        items = worklist(db_session=session, limit=limit)
+    now = utcnow()
+    rows = [
+        item.as_json(now=now, viewer_url_template=settings.viewer_url_template) for item in items
+    ]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title="worklist (most urgent first)")
+    for column in (
+        "#",
+        "tier",
+        "study",
+        "accession",
+        "modality",
+        "waited",
+        "due in",
+        "state",
+        "reason",
+    ):
+        table.add_column(column)
+    for rank, row in enumerate(rows, start=1):
+        table.add_row(
+            str(rank),
+            row["tier"],
+            row["study_uid"],
+            row["accession_number"] or "",
+            row["modalities"] or "",
+            _minutes(row["waited_seconds"]),
+            _minutes(row["due_in_seconds"]),
+            row["reading_state"] + (f" ({row['claimed_by']})" if row["claimed_by"] else ""),
+            row["reason"],
+        )
+    console.print(table)
+
+
+@study_app.command("show")
+def study_show(
+    study_uid: Annotated[str, typer.Argument(help="Study Instance UID.")],
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Status, jobs and findings, result objects, deliveries and priority history of a study."""
+    settings = load_settings(config)
+    factory = make_session_factory(create_db_engine(settings.database_url))
+    with session_scope(factory) as session:
+        record = study_record(db_session=session, study_uid=study_uid)
+    if record is None:
+        fail(f"no study {study_uid}")
+    if as_json:
+        print(json.dumps(record, indent=2))
+        return
+    console.print(
+        f"[bold]{record['study_uid']}[/]  status: {record['status']}"
+        + (f" ({record['status_reason']})" if record["status_reason"] else "")
+    )
+    if record["worklist"]:
+        w = record["worklist"]
+        console.print(f"worklist: {w['tier']} {w['reading_state']} - {w['reason']}")
+    for job in record["jobs"]:
+        console.print(
+            f"job {job['id']} {job['model']} {job['version']}: {job['state']}"
+            + (f" ({job['reason']})" if job["reason"] else "")
+        )
+        for f in job["findings"]:
+            volume = f" {f['volume_ml']:.1f} mL" if f["volume_ml"] else ""
+            console.print(
+                f"  {f['kind']} {f['label']}: p={f['probability']:.3f}"
+                f" {'positive' if f['positive'] else 'negative'}{volume}"
+            )
+    for d in record["deliveries"]:
+        console.print(f"delivery {d['id']} {d['result']} -> {d['destination']}: {d['state']}")
+    for h in record["priority_history"]:
+        console.print(f"{h['at']}: {h['reason']}")
+
+
+@tokens_app.command("create")
+def tokens_create(
+    name: Annotated[str, typer.Argument(help="Who or what uses the token, e.g. dr.smith.")],
+    role: Annotated[TokenRole, typer.Option(help="radiologist or admin.")] = TokenRole.RADIOLOGIST,
+    config: ConfigOption = None,
+) -> None:
+    """Create a token and print it once; only its hash is kept."""
+    settings = load_settings(config)
+    factory = make_session_factory(create_db_engine(settings.database_url))
+    try:
+        with session_scope(factory) as session:
+            token = create_token(db_session=session, name=name, role=role)
+    except ValueError as exc:
+        fail(str(exc))
+    print(token)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(
+    name: Annotated[str, typer.Argument(help="The token's name.")], config: ConfigOption = None
+) -> None:
+    """Revoke a token at once."""
+    settings = load_settings(config)
+    factory = make_session_factory(create_db_engine(settings.database_url))
+    with session_scope(factory) as session:
+        if not revoke_token(db_session=session, name=name):
+            fail(f"no live token named {name}")
+    console.print(f"revoked {name}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("worklist")(worklist_command)
+    app.add_typer(study_app, name="study")
+    app.add_typer(tokens_app, name="tokens")

@@ -1,0 +1,294 @@
+"""The notifier: sends the outward notifications the worklist owes, and retries them.
+
+The database decides what is owed (``Notification`` rows, created by the worklist service). Each
+pass claims every queued row whose ``next_attempt_at`` has come, sends it on its channel, and
+records the outcome: ``done`` with ``sent_at``; ``queued`` again after an exponential backoff with
+jitter (the ``delivery_*`` retry settings: base, cap and attempts are shared with result
+deliveries); or ``failed`` with an audit event ``notification_failed``, for an answer that
+retrying will not change or after ``delivery_max_attempts`` attempts.
+
+A row is claimed by a compare-and-set to ``running`` with a lease: if the process dies mid-send
+the row is due again when the lease ends. Delivery is therefore at-least-once, and receivers
+deduplicate on the notification's identity (``X-Triage-Delivery``, the HL7 message control id).
+A row that is ``done`` is never sent again.
+
+A channel whose destination is not configured (empty ``webhook_url`` or ``hl7_destination``)
+marks its notifications ``done`` without sending them (``sent_at`` stays empty, ``last_error``
+says why): a critical finding is urgent now, so configuring a channel later must not flood it
+with old findings.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Protocol, cast
+
+from sqlalchemy import CursorResult, select, update
+from sqlalchemy.orm import Session
+
+from triage.config import Settings
+from triage.db.base import utcnow
+from triage.db.models import Notification, Study, WorkState
+from triage.db.session import SessionFactory, session_scope
+from triage.errors import PermanentError, RetryableError
+from triage.ingest.audit import add_event
+
+log = logging.getLogger(__name__)
+
+FAILED_EVENT = "notification_failed"
+DEFAULT_TIMEOUT_SECONDS = 10.0
+# A claimed row whose sender died is due again after this; far above any send's timeout.
+RUNNING_LEASE = timedelta(minutes=5)
+_DUE_STATES = (WorkState.QUEUED, WorkState.RUNNING)
+
+
+@dataclass(frozen=True)
+class Patient:
+    """The patient as the study row has them at send time. Never logged: ``repr`` hides them."""
+
+    patient_id: str | None = field(default=None, repr=False)
+    name: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One notification as a channel sends it."""
+
+    notification_id: int
+    channel: str
+    dedup_key: str
+    payload: Mapping[str, Any]
+    created_at: datetime
+    attempted_at: datetime
+    attempt: int
+    study_uid: str
+    patient: Patient
+
+
+class ChannelSender(Protocol):
+    """Sends one notification, or raises RetryableError (try again later) or PermanentError."""
+
+    def __call__(self, settings: Settings, message: Outgoing, *, timeout: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class Channel:
+    """A registered channel: its sender, and where it sends (empty: not configured)."""
+
+    name: str
+    send: ChannelSender
+    destination: Callable[[Settings], str]
+
+
+_CHANNELS: dict[str, Channel] = {}
+
+
+def channel(
+    name: str, *, destination: Callable[[Settings], str]
+) -> Callable[[ChannelSender], ChannelSender]:
+    """Register the decorated function as the sender of notifications on channel ``name``."""
+
+    def register(sender: ChannelSender) -> ChannelSender:
+        if name in _CHANNELS:
+            raise RuntimeError(f"a sender for channel {name!r} is already registered")
+        _CHANNELS[name] = Channel(name=name, send=sender, destination=destination)
+        return sender
+
+    return register
+
+
+def registered_channels() -> Mapping[str, Channel]:
+    return dict(_CHANNELS)
+
+
+def retry_delay(settings: Settings, attempt: int, rng: random.Random) -> timedelta:
+    """Exponential backoff from ``delivery_backoff_seconds``, capped at
+    ``delivery_backoff_max_seconds``, with jitter over its upper half."""
+    ceiling = min(
+        settings.delivery_backoff_max_seconds,
+        settings.delivery_backoff_seconds * 2 ** max(attempt - 1, 0),
+    )
+    return timedelta(seconds=rng.uniform(ceiling / 2, ceiling))
+
+
+@dataclass(frozen=True)
+class _Result:
+    sent: bool = False
+    error: str | None = None
+    permanent: bool = False
+    skipped: bool = False
+
+
+class Notifier:
+    """Sends due notifications; ``run`` polls until ``stopping`` is set.
+
+    Parameters
+    ----------
+    timeout
+        Seconds each send may take: to connect, and again to get the answer.
+    rng
+        Source of the backoff jitter (tests pass a seeded one).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: SessionFactory,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        poll_seconds: float = 2.0,
+        batch_size: int = 100,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+        self.timeout = timeout
+        self.poll_seconds = poll_seconds
+        self.batch_size = batch_size
+        self.rng = rng or random.Random()  # noqa: S311 - jitter, not secrecy
+
+    def send_due(self, now: datetime | None = None) -> int:
+        """Send every notification due at ``now``; return how many were sent."""
+        now = now or utcnow()
+        sent = skipped = 0
+        for notification_id in self._due(now):
+            message = self._claim(notification_id, now)
+            if message is None:
+                continue  # another notifier took it, or it is no longer due
+            result = self._attempt(message)
+            self._record(message, result, now)
+            sent += result.sent
+            skipped += result.skipped
+        if sent or skipped:
+            log.info("notifications: %d sent, %d skipped (channel not configured)", sent, skipped)
+        return sent
+
+    def run(self, stopping: threading.Event) -> None:
+        while not stopping.wait(self.poll_seconds):
+            try:
+                self.send_due()
+            except Exception:  # keep polling: the rows are still owed, the next pass retries
+                log.exception("notification pass failed")
+
+    def _due(self, now: datetime) -> list[int]:
+        with session_scope(self.session_factory) as session:
+            return list(
+                session.scalars(
+                    select(Notification.id)
+                    .where(
+                        Notification.state.in_(_DUE_STATES),
+                        Notification.next_attempt_at <= now,
+                    )
+                    .order_by(Notification.next_attempt_at, Notification.id)
+                    .limit(self.batch_size)
+                )
+            )
+
+    def _claim(self, notification_id: int, now: datetime) -> Outgoing | None:
+        """Mark the row running (compare-and-set on state and attempts) and read what to send."""
+        with session_scope(self.session_factory) as session:
+            row = session.get(Notification, notification_id)
+            if row is None or row.state not in _DUE_STATES or row.next_attempt_at > now:
+                return None
+            claimed = cast(
+                CursorResult[Any],
+                session.execute(
+                    update(Notification)
+                    .where(
+                        Notification.id == row.id,
+                        Notification.state == row.state,
+                        Notification.attempts == row.attempts,
+                    )
+                    .values(
+                        state=WorkState.RUNNING,
+                        attempts=row.attempts + 1,
+                        next_attempt_at=now + RUNNING_LEASE,
+                    )
+                    .execution_options(synchronize_session=False)
+                ),
+            )
+            if claimed.rowcount != 1:
+                return None
+            study = session.get(Study, row.study_id)
+            if study is None:  # cascades make this unreachable; keep the type checker honest
+                return None
+            return Outgoing(
+                notification_id=row.id,
+                channel=row.channel,
+                dedup_key=row.dedup_key,
+                payload=dict(row.payload),
+                created_at=row.created_at,
+                attempted_at=now,
+                attempt=row.attempts + 1,
+                study_uid=study.study_uid,
+                patient=Patient(patient_id=study.patient_id, name=study.patient_name),
+            )
+
+    def _attempt(self, message: Outgoing) -> _Result:
+        spec = _CHANNELS.get(message.channel)
+        if spec is None:
+            return _Result(error=f"no sender for channel {message.channel!r}", permanent=True)
+        if not spec.destination(self.settings):
+            return _Result(skipped=True, error=f"skipped: channel {spec.name} is not configured")
+        try:
+            spec.send(self.settings, message, timeout=self.timeout)
+        except RetryableError as exc:
+            return _Result(error=str(exc) or type(exc).__name__)
+        except PermanentError as exc:
+            return _Result(error=str(exc) or type(exc).__name__, permanent=True)
+        except Exception as exc:  # a sender bug must not stop the others: retry, capped
+            log.exception("notification sender raised", extra=_context(message))
+            return _Result(error=f"unexpected error: {type(exc).__name__}")
+        return _Result(sent=True)
+
+    def _record(self, message: Outgoing, result: _Result, now: datetime) -> None:
+        with session_scope(self.session_factory) as session:
+            row = session.get(Notification, message.notification_id)
+            if row is None or row.state != WorkState.RUNNING or row.attempts != message.attempt:
+                return  # deleted with its study, or reclaimed after the lease ran out
+            row.last_error = result.error[:2000] if result.error else None
+            if result.sent or result.skipped:
+                row.state = WorkState.DONE
+                row.sent_at = now if result.sent else None
+                if result.sent:
+                    log.info("notification sent", extra=_context(message))
+            elif result.permanent or row.attempts >= self.settings.delivery_max_attempts:
+                row.state = WorkState.FAILED
+                _audit_failure(session, message, row)
+            else:
+                wait = retry_delay(self.settings, row.attempts, self.rng)
+                row.state = WorkState.QUEUED
+                row.next_attempt_at = now + wait
+                log.warning(
+                    "notification not sent, retry in %.0f s",
+                    wait.total_seconds(),
+                    extra=_context(message),
+                )
+
+
+def _audit_failure(session: Session, message: Outgoing, row: Notification) -> None:
+    add_event(
+        db_session=session,
+        kind=FAILED_EVENT,
+        study_uid=message.study_uid,
+        notification_id=row.id,
+        channel=row.channel,
+        attempts=row.attempts,
+        error=row.last_error,
+    )
+    log.error("notification failed for good", extra=_context(message))
+
+
+def _context(message: Outgoing) -> dict[str, Any]:
+    """Log context: identifiers and counts only."""
+    return {
+        "notification_id": message.notification_id,
+        "channel": message.channel,
+        "study_uid": message.study_uid,
+        "attempt": message.attempt,
+    }

@@ -1,0 +1,259 @@
+"""``analyze_study``'s work: pick the series, build the volume, run the model, store findings.
+
+Idempotent: a job already done (or failed) for its round is left alone; findings are replaced,
+never appended; a result for a round that was superseded meanwhile is discarded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from triage.config import Settings
+from triage.db.base import utcnow
+from triage.db.models import (
+    Finding,
+    Instance,
+    InstanceState,
+    Job,
+    Series,
+    Study,
+    StudyStatus,
+    WorkState,
+)
+from triage.db.session import session_scope
+from triage.errors import PermanentError
+from triage.ingest.audit import add_event
+from triage.worklist.service import refresh
+from workers.context import WorkerContext
+from workers.models.interface import LoadedModel, ModelOutput
+from workers.results import build_objects, record_results, result_input
+from workers.volume import SeriesRequirements, describe_series, fits, load_volume, read_headers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Claim:
+    job_id: int
+    round: int
+    study_uid: str
+    model_name: str
+    model_version: str
+    series: dict[str, list[str]]  # series UID -> file ids of its latest instance versions
+
+
+def claim(db_session: Session, job_id: int) -> Claim | str:
+    """Mark the job running and gather what the run needs; or say why there is nothing to do."""
+    job = db_session.get(Job, job_id)
+    if job is None:
+        return "missing"
+    if job.state in (WorkState.DONE, WorkState.FAILED):
+        return f"already {job.state}"
+    now = utcnow()
+    job.state = WorkState.RUNNING
+    job.started_at = job.touched_at = now
+    job.attempts += 1
+    latest = (
+        select(Instance.sop_instance_uid, func.max(Instance.version).label("version"))
+        .join(Series, Instance.series_id == Series.id)
+        .where(Series.study_id == job.study_id, Instance.state == InstanceState.STORED)
+        .group_by(Instance.sop_instance_uid)
+        .subquery()
+    )
+    rows = db_session.execute(
+        select(Series.series_uid, Instance.file_id)
+        .join(Instance, Instance.series_id == Series.id)
+        .join(
+            latest,
+            (latest.c.sop_instance_uid == Instance.sop_instance_uid)
+            & (latest.c.version == Instance.version),
+        )
+        .order_by(Instance.instance_number, Instance.id)
+    )
+    series: dict[str, list[str]] = {}
+    for series_uid, file_id in rows:
+        series.setdefault(series_uid, []).append(file_id)
+    return Claim(job.id, job.round, job.study.study_uid, job.model_name, job.model_version, series)
+
+
+def choose_series(
+    context: WorkerContext, model: LoadedModel, work: Claim
+) -> tuple[str, list[Path]]:
+    """The largest series that fits what the model asks for."""
+    description = model.description
+    requested = dict((description.model_extra or {}).get("series", {}))
+    requested.setdefault("modalities", description.applies_to.modalities)
+    requirements = SeriesRequirements.from_description(requested)
+    refusals = []
+    for series_uid, file_ids in sorted(work.series.items(), key=lambda item: -len(item[1])):
+        paths = [context.spool.path_for(file_id) for file_id in file_ids]
+        facts = describe_series(read_headers(paths[:1])) | {"slices": len(paths)}
+        reason = fits(requirements, facts)
+        if reason is None:
+            return series_uid, paths
+        refusals.append(reason)
+    raise PermanentError("no series fits the model: " + ("; ".join(refusals) or "no images"))
+
+
+def _save_mask(context: WorkerContext, job_id: int, round_: int, output: ModelOutput) -> str | None:
+    if output.mask is None:
+        return None
+    directory = Path(context.masks_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"job-{job_id}-round-{round_}.npz"
+    np.savez_compressed(path, mask=output.mask)
+    return path.name
+
+
+def store(
+    db_session: Session,
+    work: Claim,
+    series_uid: str,
+    output: ModelOutput,
+    mask_ref: str | None,
+    timings: dict[str, float],
+) -> str:
+    job = db_session.get(Job, work.job_id)
+    if job is None or job.round != work.round:
+        return "superseded"
+    db_session.execute(delete(Finding).where(Finding.job_id == job.id))
+    for ordinal, finding in enumerate(output.findings):
+        location = None
+        if finding.centroid_voxel is not None:
+            location = {"centroid_voxel": [round(v, 2) for v in finding.centroid_voxel]}
+        db_session.add(
+            Finding(
+                job_id=job.id,
+                ordinal=ordinal,
+                kind=finding.kind,
+                label=finding.label,
+                code_scheme=finding.code.scheme,
+                code_value=finding.code.value,
+                code_meaning=finding.code.meaning,
+                probability=finding.probability,
+                positive=finding.positive,
+                volume_ml=finding.volume_ml,
+                location=location,
+                mask_ref=f"{mask_ref}#{finding.segment}" if mask_ref and finding.segment else None,
+            )
+        )
+    now = utcnow()
+    job.state = WorkState.DONE
+    job.reason = None
+    job.series_uid = series_uid
+    job.timings = {stage: round(seconds, 4) for stage, seconds in timings.items()}
+    job.finished_at = job.touched_at = now
+    return "done"
+
+
+def settle_and_rank(db_session: Session, study: Study, settings: Settings) -> None:
+    """Settle the study's status, then re-rank it on the worklist."""
+    settle_study(db_session, study)
+    db_session.flush()
+    refresh(db_session=db_session, study=study, settings=settings)
+
+
+def settle_study(db_session: Session, study: Study) -> None:
+    """Once every job of the current round has finished, the study is analysed (or failed)."""
+    states = db_session.scalars(
+        select(Job.state).where(Job.study_id == study.id, Job.round == study.analysis_round)
+    ).all()
+    if not states or any(s in (WorkState.QUEUED, WorkState.RUNNING) for s in states):
+        return
+    if study.status != StudyStatus.ANALYZING:
+        return  # re-opened by a late instance meanwhile
+    failed = sum(s == WorkState.FAILED for s in states)
+    study.status = StudyStatus.FAILED if failed == len(states) else StudyStatus.ANALYZED
+    study.status_reason = f"{failed} of {len(states)} models failed" if failed else None
+
+
+def analyze(context: WorkerContext, job_id: int) -> str:
+    """Run one job to the end. Raises RetryableError or PermanentError on failure."""
+    with session_scope(context.session_factory) as session:
+        work = claim(session, job_id)
+    if isinstance(work, str):
+        log.info("nothing to do: %s", work, extra={"job_id": job_id})
+        return work
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    model = context.registry.get(work.model_name, work.model_version)
+    timings["model_load"] = time.perf_counter() - started
+    started = time.perf_counter()
+    series_uid, paths = choose_series(context, model, work)
+    volume = load_volume(paths)
+    timings["load_decode"] = time.perf_counter() - started
+    output = model.run(volume)
+    timings |= output.timings
+    started = time.perf_counter()
+    objects, results_error = None, None
+    try:
+        objects = build_objects(
+            result_input(study_uid=work.study_uid, model=model, volume=volume, output=output)
+        )
+    except Exception as exc:  # source headers the builders cannot use: findings still count
+        results_error = f"{type(exc).__name__}: {exc}"
+        log.warning("result objects not built: %s", results_error, extra={"job_id": job_id})
+    timings["results"] = time.perf_counter() - started
+    mask_ref = _save_mask(context, work.job_id, work.round, output)
+    delivery_ids: list[int] = []
+    with session_scope(context.session_factory) as session:
+        outcome = store(session, work, series_uid, output, mask_ref, timings)
+        if outcome == "done":
+            job = session.get(Job, work.job_id)
+            assert job is not None
+            if objects is not None:
+                delivery_ids = record_results(context, session, job, objects)
+            else:
+                job.reason = f"findings stored; result objects not built: {results_error}"
+                add_event(
+                    db_session=session,
+                    kind="results_failed",
+                    study_uid=work.study_uid,
+                    job_id=job.id,
+                    reason=str(results_error)[:500],
+                )
+            settle_and_rank(session, job.study, context.settings)
+    for delivery_id in delivery_ids:  # after the commit, so the dispatcher finds the rows
+        context.sender.dispatch_result(delivery_id)
+    log.info(
+        "job %s",
+        outcome,
+        extra={
+            "job_id": job_id,
+            "study_uid": work.study_uid,
+            "model": work.model_name,
+            "positive": output.positive,
+            "findings": len(output.findings),
+        },
+    )
+    return outcome
+
+
+def fail(context: WorkerContext, job_id: int, reason: str, *, final: bool) -> None:
+    """Record a failure on the job: final (failed) or before a retry (queued again)."""
+    with session_scope(context.session_factory) as session:
+        job = session.get(Job, job_id)
+        if job is None or job.state == WorkState.DONE:
+            return
+        job.reason = reason[:2000]
+        job.touched_at = utcnow()
+        job.state = WorkState.FAILED if final else WorkState.QUEUED
+        if final:
+            job.finished_at = job.touched_at
+            add_event(
+                db_session=session,
+                kind="job_failed",
+                study_uid=job.study.study_uid,
+                job_id=job.id,
+                model=job.model_name,
+                reason=reason[:500],
+            )
+            session.flush()
+            settle_and_rank(session, job.study, context.settings)

@@ -1,0 +1,1 @@
+"""Model interface, loaders (TorchScript, MONAI bundle), pipelines and the per-process registry."""
