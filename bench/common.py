@@ -29,6 +29,18 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """The ``fraction`` quantile (0.99 for p99), interpolated linearly between the two nearest
+    samples as numpy's default does, so that a p99 of 200 samples is not just the maximum."""
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("no values")
+    position = fraction * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return float(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
+
+
 def clean_env(
     extra: Mapping[str, str] | None = None, *, drop_prefix: str = "TRIAGE_"
 ) -> dict[str, str]:
@@ -39,6 +51,19 @@ def clean_env(
     env = {key: value for key, value in os.environ.items() if not key.startswith(drop_prefix)}
     env.update(extra or {})
     return env
+
+
+@contextlib.contextmanager
+def without_env(prefix: str = "TRIAGE_") -> Iterator[None]:
+    """This process's environment without ``prefix*`` variables while the block runs, for a
+    benchmark that builds Settings in-process (the caller's configuration must not leak in)."""
+    saved = {key: value for key, value in os.environ.items() if key.startswith(prefix)}
+    for key in saved:
+        del os.environ[key]
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 class ProcessError(RuntimeError):
