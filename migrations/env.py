@@ -7,6 +7,7 @@ from sqlalchemy import Engine
 
 from triage.db import models  # noqa: F401  (registers the tables)
 from triage.db.base import Base
+from triage.db.migrate import include_object
 
 config = context.config
 engine = config.attributes["engine"]
@@ -18,6 +19,7 @@ with engine.connect() as connection:
         target_metadata=Base.metadata,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        include_object=include_object,
     )
     with context.begin_transaction():
         context.run_migrations()

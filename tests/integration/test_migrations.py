@@ -16,7 +16,9 @@ from triage.db.base import Base
 
 def _diff(engine: Engine, metadata: sa.MetaData) -> list[Any]:
     with engine.connect() as connection:
-        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        context = MigrationContext.configure(
+            connection, opts={"compare_type": True, "include_object": migrate.include_object}
+        )
         return list(compare_metadata(context, metadata))
 
 
@@ -41,3 +43,26 @@ def test_downgrade_to_empty_and_back(engine: Engine) -> None:
     assert set(sa.inspect(engine).get_table_names()) <= {"alembic_version"}
     migrate.upgrade(engine)
     assert _diff(engine, Base.metadata) == []
+
+
+def test_the_worklist_reads_open_entries_in_index_order(engine: Engine) -> None:
+    """Autogenerate cannot compare expression indexes, so this one is checked by name, and its
+    use by the planner on PostgreSQL (bench/worklist measured 200 ms without it)."""
+    names = {index["name"] for index in sa.inspect(engine).get_indexes("worklist_entries")}
+    assert "ix_worklist_open_order" in names
+    if engine.dialect.name != "postgresql":
+        return
+    with engine.begin() as connection:
+        connection.execute(sa.text("SET LOCAL enable_seqscan = off"))
+        plan = (
+            connection.execute(
+                sa.text(
+                    "EXPLAIN SELECT id FROM worklist_entries "
+                    "WHERE reading_state IN ('unread', 'claimed') "
+                    "ORDER BY tier_rank, score DESC LIMIT 50"
+                )
+            )
+            .scalars()
+            .all()
+        )
+    assert any("ix_worklist_open_order" in line for line in plan), plan

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -11,6 +12,17 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+
+
+# Expression indexes autogenerate cannot compare; each is checked by its own test.
+UNCOMPARED_INDEXES = frozenset({"ix_worklist_open_order"})
+
+
+def include_object(
+    obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
+) -> bool:
+    """Alembic filter: leave out what autogenerate cannot compare faithfully."""
+    return not (type_ == "index" and name in UNCOMPARED_INDEXES)
 
 
 def alembic_config(engine: Engine) -> Config:

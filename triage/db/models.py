@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -270,7 +271,16 @@ class WorklistEntry(Base):
     """Where a study stands on the reading worklist, and who is reading it."""
 
     __tablename__ = "worklist_entries"
-    __table_args__ = (Index("ix_worklist_order", "reading_state", "tier_rank", "score"),)
+    __table_args__ = (
+        # The worklist query: open entries in reading order, first page straight off the index.
+        Index(
+            "ix_worklist_open_order",
+            "tier_rank",
+            text("score DESC"),
+            postgresql_where=text("reading_state IN ('unread', 'claimed')"),
+            sqlite_where=text("reading_state IN ('unread', 'claimed')"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), unique=True)
