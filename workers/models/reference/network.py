@@ -229,20 +229,30 @@ def lesions_on_input(
     )
     if count == 0:
         return mask, []
-    index = np.arange(1, count + 1)
+    # Per-component statistics from the labelled voxels only: a few thousand, not millions.
+    inside = np.flatnonzero(labels)
+    component = labels.ravel()[inside]
+    counts = np.bincount(component, minlength=count + 1)
     voxel_ml = float(np.prod(spacing_mm)) / 1000
-    volumes = np.bincount(labels.ravel(), minlength=count + 1)[1:] * voxel_ml
-    kept = index[volumes >= postprocessing.min_lesion_ml]
-    maxima = ndimage.maximum(upsampled, labels, kept)
-    centres = ndimage.center_of_mass(np.ones_like(upsampled), labels, kept)
+    volumes = counts[1:] * voxel_ml
+    kept = np.arange(1, count + 1)[volumes >= postprocessing.min_lesion_ml]
+    maxima = np.zeros(count + 1)
+    np.maximum.at(maxima, component, upsampled.ravel()[inside])
+    centres = np.stack(
+        [
+            np.bincount(component, weights=axis, minlength=count + 1) / np.maximum(counts, 1)
+            for axis in np.unravel_index(inside, labels.shape)
+        ],
+        axis=1,
+    )
     offset = np.array([part.start for part in box], np.float64)
     lesions = [
         DetectedLesion(
             volume_ml=float(volumes[label - 1]),
-            centroid_voxel=_triple(np.asarray(centre) + offset),
-            max_probability=float(maximum),
+            centroid_voxel=_triple(centres[label] + offset),
+            max_probability=float(maxima[label]),
         )
-        for label, maximum, centre in zip(kept, np.atleast_1d(maxima), centres, strict=True)
+        for label in kept
     ]
     mask[box] = np.isin(labels, kept).astype(np.uint8)
     return mask, sorted(lesions, key=lambda lesion: -lesion.volume_ml)
