@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from monai.networks.nets import DenseNet121
 
+from triage.config import RoutingRule, Settings
+
 INFERENCE = {
     "network_def": {
         "_target_": "DenseNet121",
@@ -50,3 +52,10 @@ def densenet_bundle(root: Path, *, name: str = "cxr-densenet", version: str = "0
     network = DenseNet121(spatial_dims=2, in_channels=1, out_channels=2)
     torch.save(network.state_dict(), bundle / "models" / "model.pt")
     return bundle
+
+
+def cxr_settings(settings: Settings, models_dir: Path) -> Settings:
+    """``settings`` with the test bundle installed and routing CR studies to it."""
+    densenet_bundle(models_dir)
+    rule = RoutingRule(name="cxr", models=["cxr-densenet"], modalities=["CR"])
+    return settings.model_copy(update={"models_dir": models_dir, "routing_rules": [rule]})

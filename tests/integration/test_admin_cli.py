@@ -12,10 +12,10 @@ from pynetdicom import AE
 from sqlalchemy import select
 
 from tests.conftest import StackFactory, free_port
-from tests.helpers.bundles import densenet_bundle
+from tests.helpers.bundles import cxr_settings
 from tests.helpers.instances import radiograph
 from tests.helpers.process import VENV_BIN
-from triage.config import RoutingRule, Settings
+from triage.config import Settings
 from triage.db.base import utcnow
 from triage.db.models import Delivery, Job, ResultKind, ResultObject, WorkState
 from triage.db.session import session_scope
@@ -45,14 +45,7 @@ def admin(settings: Settings, *argv: str) -> subprocess.CompletedProcess[str]:
 def test_study_worklist_reprocess_and_failures(
     settings: Settings, tmp_path: Path, stack_factory: StackFactory
 ) -> None:
-    models_dir = tmp_path / "models"
-    densenet_bundle(models_dir)
-    settings = settings.model_copy(
-        update={
-            "models_dir": models_dir,
-            "routing_rules": [RoutingRule(name="cxr", models=["cxr-densenet"], modalities=["CR"])],
-        }
-    )
+    settings = cxr_settings(settings, tmp_path / "models")
     stack = stack_factory(settings)
     study = radiograph(tmp_path / "cr")
     stack.ingest(*study.paths)

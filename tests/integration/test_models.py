@@ -11,10 +11,10 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from tests.conftest import StackFactory
-from tests.helpers.bundles import densenet_bundle
+from tests.helpers.bundles import cxr_settings, densenet_bundle
 from tests.helpers.instances import radiograph
 from tests.helpers.process import VENV_BIN
-from triage.config import RoutingRule, Settings
+from triage.config import Settings
 from triage.db.base import utcnow
 from triage.db.models import AuditEvent, Finding, Job, ResultObject, Study, StudyStatus, WorkState
 from triage.db.session import session_scope
@@ -26,14 +26,7 @@ from workers.context import WorkerContext
 def test_monai_bundle_runs_through_the_job_path(
     settings: Settings, tmp_path: Path, stack_factory: StackFactory
 ) -> None:
-    models_dir = tmp_path / "models"
-    densenet_bundle(models_dir)
-    settings = settings.model_copy(
-        update={
-            "models_dir": models_dir,
-            "routing_rules": [RoutingRule(name="cxr", models=["cxr-densenet"], modalities=["CR"])],
-        }
-    )
+    settings = cxr_settings(settings, tmp_path / "models")
     stack = stack_factory(settings)
     study = radiograph(tmp_path / "cr")
     stack.ingest(*study.paths)
@@ -90,14 +83,7 @@ def test_findings_count_even_when_result_objects_cannot_be_built(
 ) -> None:
     """A radiograph without Patient Orientation cannot be referenced in an SR; its score still
     ranks the worklist, and the administrator sees why nothing went to the PACS."""
-    models_dir = tmp_path / "models"
-    densenet_bundle(models_dir)
-    settings = settings.model_copy(
-        update={
-            "models_dir": models_dir,
-            "routing_rules": [RoutingRule(name="cxr", models=["cxr-densenet"], modalities=["CR"])],
-        }
-    )
+    settings = cxr_settings(settings, tmp_path / "models")
     stack = stack_factory(settings)
     study = radiograph(tmp_path / "cr")
     ds = dcmread(study.paths[0])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ssl
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,21 +10,11 @@ import pytest
 from pynetdicom import AE
 
 from tests.conftest import StackFactory
+from tests.helpers.tls import make_cert
 from triage.config import Settings, TlsFiles
 from triage.receiver.scp import DicomListener
 
 VERIFICATION = "1.2.840.10008.1.1"
-
-
-def make_cert(directory: Path, name: str) -> tuple[Path, Path]:
-    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-         "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    return cert, key
 
 
 @pytest.fixture

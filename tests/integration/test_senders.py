@@ -10,7 +10,6 @@ import base64
 import json
 import logging
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,6 +36,7 @@ from tests.conftest import free_port
 from tests.helpers import orthanc as peers
 from tests.helpers.ct_series import make_ct_series, negative_result, positive_result
 from tests.helpers.orthanc import OrthancPeer
+from tests.helpers.tls import make_cert
 from triage.config import DicomWebDestination, DimseDestination, TlsFiles
 from triage.errors import DestinationUnavailableError, PermanentError
 from triage.results.inputs import ResultInput
@@ -378,17 +378,6 @@ def test_a_file_that_is_not_dicom_is_permanent(tmp_path: Path) -> None:
 
 
 # -- TLS --------------------------------------------------------------------------------------
-
-
-def make_cert(directory: Path, name: str) -> tuple[Path, Path]:
-    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-         "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    return cert, key
 
 
 def test_tls_with_a_client_certificate(positive: SavedResult, tmp_path: Path) -> None:
