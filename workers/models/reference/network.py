@@ -119,14 +119,19 @@ def build_network() -> UNet:
 
 
 class ProbabilityNetwork(torch.nn.Module):
-    """What ships: the UNet followed by a sigmoid, so the TorchScript file outputs probabilities."""
+    """What ships: the UNet's probabilities averaged with those of the left-right mirrored input.
+
+    Heads are nearly symmetric, so the mirrored pass is a second opinion that damps spurious
+    detections; inside the TorchScript file, every caller gets it.
+    """
 
     def __init__(self, logits: torch.nn.Module) -> None:
         super().__init__()
         self.logits = logits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.logits(x))
+        mirrored = self.logits(x.flip(-1)).flip(-1)
+        return (torch.sigmoid(self.logits(x)) + torch.sigmoid(mirrored)) / 2
 
 
 def working_grid(

@@ -249,12 +249,12 @@ def _sample_head(rng: np.random.Generator) -> _Head:
     )
     calcifications: list[_Ellipsoid] = []
     if rng.random() < 0.6:
-        radius = rng.uniform(1.5, 4)
+        radius = rng.uniform(2, 4)
         calcifications.append(
-            _Ellipsoid((0, 20, ventricle_h - 12), (radius,) * 3, rng.uniform(80, 350))
+            _Ellipsoid((0, 20, ventricle_h - 12), (radius,) * 3, rng.uniform(150, 400))
         )
     if rng.random() < 0.5:
-        radius, hu = rng.uniform(1.5, 3.5), rng.uniform(80, 300)
+        radius, hu = rng.uniform(2, 3.5), rng.uniform(150, 400)
         calcifications.extend(
             _Ellipsoid((side * (ventricle_w + lateral * 0.5), 26, ventricle_h), (radius,) * 3, hu)
             for side in (-1, 1)
@@ -324,7 +324,7 @@ def _sample_lesions(rng: np.random.Generator, head: _Head) -> list[_Lesion]:
     lesions: list[_Lesion] = []
     for _ in range(count):
         volume_mm3 = 1000 * math.exp(rng.uniform(math.log(1), math.log(60)))
-        hu = rng.uniform(max(50.0, head.grey_hu + 15), 90)
+        hu = rng.uniform(max(50.0, head.grey_hu + 20), 90)
         if rng.random() < 0.5:
             lesions.append(_sample_blob(rng, head, volume_mm3, hu))
         else:

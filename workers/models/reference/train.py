@@ -5,10 +5,10 @@ r"""Train the reference model on synthetic phantoms (CPU, about a quarter of an 
 
 Phantoms from the training seed range are generated on the fly, reconstructed at a 128x128 matrix
 for speed (noise scaled as if averaged from the native pixels), and put through the same
-preprocessing as at inference. A small pool is refreshed by one phantom per step; each step trains
-on crops from it, most of those from lesion phantoms centred near the lesion. Afterwards the traced
-network picks its operating point on native-resolution studies from the validation range, and
-`model.ts` and `model.json` are written.
+preprocessing as at inference. A small pool is refreshed by one phantom every other step; each
+step trains on crops from it, most of those from lesion phantoms centred near the lesion. Then the
+traced network picks its operating point on native-resolution studies from the validation range,
+and `model.ts` and `model.json` are written.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ TRAIN_MATRIX = 128
 LESION_SHARE = 0.6  # of training phantoms
 CENTRED_SHARE = 0.7  # of crops from a phantom with a lesion, centred near the lesion
 CROP = (64, 80, 80)  # BatchNorm in eval mode makes crop training valid for whole-grid inference
-POOL_SIZE = 32
+POOL_SIZE = 48
+REFRESH_EVERY = 2  # steps per fresh phantom: generating one costs about a training step
 BATCH_SIZE = 4
 LEARNING_RATE = 2e-3
 POSITIVE_WEIGHT = 5.0  # lesion voxels are rare: weight them up in the cross-entropy
@@ -97,7 +98,7 @@ def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Ten
 
 
 def train(seed: int, steps: int) -> torch.nn.Module:
-    """Fit the UNet on crops from a pool refreshed by one phantom per step; eval mode, logits."""
+    """Fit the UNet on crops from a pool of phantoms refreshed as it goes; eval mode, logits."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
 
@@ -114,7 +115,8 @@ def train(seed: int, steps: int) -> torch.nn.Module:
     net.train()
     started, running = time.monotonic(), np.zeros(2)
     for step in range(1, steps + 1):
-        pool[step % POOL_SIZE] = fresh()
+        if step % REFRESH_EVERY == 0:
+            pool[(step // REFRESH_EVERY) % POOL_SIZE] = fresh()
         chosen = rng.choice(POOL_SIZE, size=BATCH_SIZE, replace=False)
         crops = [crop(pool[int(i)], rng) for i in chosen]
         inputs = torch.from_numpy(np.stack([x for x, _ in crops]))
@@ -151,6 +153,7 @@ def sidecar(
         "version": VERSION,
         "format": "torchscript",
         "file": "model.ts",
+        "pipeline": "lesion-segmentation",
         "applies_to": {
             "modalities": ["CT"],
             "body_parts": ["HEAD", "BRAIN"],
@@ -159,7 +162,7 @@ def sidecar(
         "input": "HU volume (slices, rows, columns) with spacing in mm; axial, slices sorted",
         "preprocessing": PREPROCESSING.as_dict(),
         "postprocessing": POSTPROCESSING.as_dict(),
-        "network_output": "lesion probability per voxel of the working grid (sigmoid applied)",
+        "network_output": "lesion probability per voxel of the working grid, mirror-averaged",
         "outputs": ["score", "detections", "mask"],
         "operating_point": {
             "study_probability_threshold": threshold,
@@ -196,8 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=900)
-    parser.add_argument("--validation-count", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=1600)
+    parser.add_argument("--validation-count", type=int, default=60)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     torch.set_num_threads(2)
