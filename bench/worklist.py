@@ -87,7 +87,7 @@ WARMUP = 20
 SEED = 0
 UID_ROOT = "1.2.826.0.1.3680043.8.498.20261122"
 MODEL, MODEL_VERSION = "ct-head-hyperdensity", "1.0.0"
-THRESHOLD = 0.5924  # the reference model's study_probability_threshold
+THRESHOLD = 0.5818  # the shipped model's operating point (model.json)
 POLICY = PolicyConfig()
 
 # Realistic proportions: (value, share).
