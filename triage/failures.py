@@ -81,9 +81,12 @@ def requeue(
         if job.study.analysis_round == job.round:
             job.study.status = StudyStatus.ANALYZING
         add_event(
-            db_session=db_session, kind="retry", study_uid=job.study.study_uid, actor=actor,
+            db_session=db_session,
+            kind="retry",
+            study_uid=job.study.study_uid,
+            actor=actor,
             job_id=job.id,
-        )  # fmt: skip
+        )
         requeued_jobs.append(job.id)
     requeued_deliveries = []
     for delivery in db_session.scalars(
