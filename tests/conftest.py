@@ -100,13 +100,18 @@ def database_url(request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue(name))
 
 
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    """A migrated database on each backend."""
-    engine = create_db_engine(database_url)
+def migrated_engine(url: str) -> Iterator[Engine]:
+    """An engine on ``url`` with the schema upgraded; disposed when the fixture ends."""
+    engine = create_db_engine(url)
     migrate.upgrade(engine)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    """A migrated database on each backend."""
+    yield from migrated_engine(database_url)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -11,6 +12,8 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+
+from triage.config import Settings
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -67,3 +70,26 @@ def running(
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+
+
+def run_admin(
+    settings: Settings, *argv: str, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """``triage-admin ARGV`` as a real process on ``settings``' database and data directory."""
+    env = {
+        **os.environ,
+        "TRIAGE_DATA_DIR": str(settings.data_dir),
+        "TRIAGE_DATABASE_URL": settings.database_url,
+        "TRIAGE_ROUTING_RULES": json.dumps([r.model_dump() for r in settings.routing_rules]),
+        "COLUMNS": "200",
+    }
+    if settings.models_dir:
+        env["TRIAGE_MODELS_DIR"] = str(settings.models_dir)
+    return subprocess.run(
+        [str(VENV_BIN / "triage-admin"), *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from datetime import timedelta
 from pathlib import Path
@@ -14,7 +13,7 @@ from sqlalchemy import select
 from tests.conftest import StackFactory, free_port
 from tests.helpers.bundles import cxr_settings
 from tests.helpers.instances import radiograph
-from tests.helpers.process import VENV_BIN
+from tests.helpers.process import run_admin
 from triage.config import Settings
 from triage.db.base import utcnow
 from triage.db.models import Delivery, Job, ResultKind, ResultObject, WorkState
@@ -23,23 +22,7 @@ from triage.ingest.completion import StudyCompletionWatcher
 
 
 def admin(settings: Settings, *argv: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "TRIAGE_DATA_DIR": str(settings.data_dir),
-        "TRIAGE_DATABASE_URL": settings.database_url,
-        "TRIAGE_ROUTING_RULES": json.dumps([r.model_dump() for r in settings.routing_rules]),
-        "COLUMNS": "200",
-    }
-    if settings.models_dir:
-        env["TRIAGE_MODELS_DIR"] = str(settings.models_dir)
-    return subprocess.run(
-        [str(VENV_BIN / "triage-admin"), *argv],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    return run_admin(settings, *argv)
 
 
 def test_study_worklist_reprocess_and_failures(

@@ -11,13 +11,13 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine
 
+from tests.conftest import migrated_engine
 from triage.api.app import create_app
 from triage.api.tokens import create_token
 from triage.config import Settings
-from triage.db import migrate
 from triage.db.base import utcnow
 from triage.db.models import Finding, Job, Study, StudyStatus, TokenRole, WorkState
-from triage.db.session import SessionFactory, create_db_engine, make_session_factory, session_scope
+from triage.db.session import SessionFactory, make_session_factory, session_scope
 from triage.worklist.policy import PolicyConfig
 from triage.worklist.service import reprioritize
 
@@ -26,10 +26,7 @@ pytestmark = pytest.mark.postgres
 
 @pytest.fixture
 def pg_engine(postgres_url: str) -> Iterator[Engine]:
-    engine = create_db_engine(postgres_url)
-    migrate.upgrade(engine)
-    yield engine
-    engine.dispose()
+    yield from migrated_engine(postgres_url)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from sqlalchemy import func, select
 
 from tests.conftest import StackFactory
 from tests.helpers.instances import ct_study
-from tests.helpers.process import VENV_BIN
+from tests.helpers.process import run_admin
 from triage.config import Settings
 from triage.db.models import AuditEvent, Instance, InstanceState
 from triage.db.session import session_scope
@@ -20,19 +19,7 @@ from triage.ingest.reconcile import Reconciliation, reconcile_spool
 
 
 def admin(settings: Settings, *argv: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "TRIAGE_DATA_DIR": str(settings.data_dir),
-        "TRIAGE_DATABASE_URL": settings.database_url,
-    }
-    return subprocess.run(
-        [str(VENV_BIN / "triage-admin"), *argv],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_admin(settings, *argv, timeout=120)
 
 
 def test_import_folder_and_dicomdir(settings: Settings, tmp_path: Path) -> None:
