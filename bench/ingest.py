@@ -207,6 +207,9 @@ def triage_env(data_dir: Path, *, dicom_port: int, http_port: int) -> dict[str, 
             "TRIAGE_SPOOL_MIN_FREE_MB": "1",
             "TRIAGE_LOG_LEVEL": "WARNING",
             "TRIAGE_STUDY_QUIET_SECONDS": "3600",
+            # Intake only: no local inference worker importing torch beside the receiver
+            # (GPU workers run elsewhere in a real deployment).
+            "TRIAGE_WORKERS": "0",
         }
     )
 
