@@ -9,8 +9,8 @@ import urllib.request
 from pynetdicom import AE, evt
 
 from triage.config import DicomWebDestination, DimseDestination
+from triage.dicom.net import set_nodelay
 from triage.errors import DestinationUnavailableError
-from triage.receiver.scp import set_nodelay
 from triage.results.senders.dimse import client_tls_context
 from triage.results.senders.stow import auth_headers, https_opener, redacted_url
 

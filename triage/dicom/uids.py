@@ -69,3 +69,12 @@ def new_uid() -> str:
 def is_valid_uid(value: str) -> bool:
     """Whether ``value`` is a well-formed DICOM UID (PS3.5 9.1), e.g. one received from the wire."""
     return len(value) <= MAX_UID_LENGTH and _UID_PATTERN.fullmatch(value) is not None
+
+
+IMPLEMENTATION_CLASS_UID = _derive("implementation-class")
+"""Our Implementation Class UID (PS3.7 D.3.3.2), sent in associations and file meta."""
+
+
+def implementation_version_name(version: str) -> str:
+    """Our Implementation Version Name for ``version``: at most 16 characters (PS3.7 D.3.3.2)."""
+    return f"TRIAGE_{version}"[:16]

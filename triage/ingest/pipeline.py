@@ -17,7 +17,7 @@ from triage.dicom.header import InstanceHeader, parse_header
 from triage.errors import DatasetMismatchError, OutOfResourcesError
 from triage.ingest.index import IndexResult, StoreOutcome, index_instance
 from triage.metrics import IngestMetrics
-from triage.receiver.spool import Spool, SpooledFile, content_hash
+from triage.receiver.spool import IncomingFile, Spool, SpooledFile, content_hash
 
 log = logging.getLogger(__name__)
 
@@ -53,22 +53,31 @@ class Ingestor:
         calling_ae: str | None,
         source: str,
         requested: tuple[str, str] | None = None,
+        incoming: IncomingFile | None = None,
     ) -> Ingested:
         """Store one DICOM file's bytes (preamble and meta included).
 
         ``requested`` is the (SOP Class UID, SOP Instance UID) a C-STORE request named; the
-        dataset must carry the same. Raises DicomInputError (cannot be understood) or
-        OutOfResourcesError (try later).
+        dataset must carry the same. ``incoming`` is a spool file already holding ``data``
+        (the listener writes it while the data set arrives); it is committed or discarded
+        here. Raises DicomInputError (cannot be understood) or OutOfResourcesError (try later).
         """
         started = time.perf_counter()
-        if not self.spool.has_room():
-            raise OutOfResourcesError("spool is below its free-space reserve")
-        header = parse_header(data)
-        if requested is not None and requested != (header.sop_class_uid, header.sop_instance_uid):
-            raise DatasetMismatchError("dataset UIDs differ from the C-STORE request")
+        if incoming is None:
+            if not self.spool.has_room():
+                raise OutOfResourcesError("spool is below its free-space reserve")
+            header = self._checked_header(data, requested)
+            spooled = self.spool.write(data)
+        else:
+            # The file's fsync runs while the header is parsed (neither holds the other up).
+            try:
+                header = self._checked_header(data, requested)
+            except BaseException:
+                incoming.discard()
+                raise
+            spooled = incoming.commit()
         # Duplicates are found inside the index transaction; an identical re-send costs one
         # spool write that is removed again, which keeps new instances on the short path.
-        spooled = self.spool.write(data)
         try:
             result = self._index(header, spooled=spooled, calling_ae=calling_ae)
         except BaseException:
@@ -86,6 +95,13 @@ class Ingestor:
         if self.on_stored is not None:
             self.on_stored(ingested, calling_ae)
         return ingested
+
+    @staticmethod
+    def _checked_header(data: bytes, requested: tuple[str, str] | None) -> InstanceHeader:
+        header = parse_header(data)
+        if requested is not None and requested != (header.sop_class_uid, header.sop_instance_uid):
+            raise DatasetMismatchError("dataset UIDs differ from the C-STORE request")
+        return header
 
     def adopt(self, path: Path) -> Ingested:
         """Index a spool file that has no row (its writer crashed before the commit).

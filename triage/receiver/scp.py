@@ -1,33 +1,51 @@
-"""The C-ECHO / C-STORE listener. Handlers are thin, never raise, and answer named statuses."""
+"""The C-ECHO / C-STORE listener: association policy, and each data set into the spool.
+
+The protocol runs in ``triage.receiver.upper``; this module decides who may associate and
+what happens to each instance. Nothing here raises into the protocol: every outcome is a
+named DIMSE status.
+"""
 
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
 import threading
 from collections.abc import Callable
-from typing import Any
 
-from pydicom.dataset import Dataset
-from pynetdicom import AllStoragePresentationContexts, evt
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom import AllStoragePresentationContexts
 
+from triage import __version__
 from triage.config import Settings, TlsFiles
 from triage.db.session import SessionFactory
 from triage.dicom import status
+from triage.dicom.dimse import Command
+from triage.dicom.part10 import file_meta
+from triage.dicom.uids import IMPLEMENTATION_CLASS_UID, implementation_version_name, is_valid_uid
 from triage.errors import DatasetMismatchError, DicomInputError, OutOfResourcesError
 from triage.ingest.audit import record_rejection
 from triage.ingest.pipeline import Ingestor
 from triage.metrics import IngestMetrics
-from triage.receiver.policy import CallerPolicy, TriageAE
+from triage.receiver.policy import CallerPolicy
+from triage.receiver.spool import IncomingFile
+from triage.receiver.upper import (
+    CALLED_AE_NOT_RECOGNISED,
+    CALLING_AE_NOT_RECOGNISED,
+    LOCAL_LIMIT_EXCEEDED,
+    AcceptorServer,
+    AcceptorSettings,
+    Peer,
+    Rejection,
+    StoreResult,
+    rejection,
+    supported_contexts,
+)
 
 log = logging.getLogger(__name__)
 
 VERIFICATION = "1.2.840.10008.1.1"
 
-# The transfer syntaxes modalities and PACS send, compressed ones included. Accepting every one
-# pynetdicom knows would make each association copy 170 x 45 contexts (~60 ms of CPU).
+# The transfer syntaxes modalities and PACS send, compressed ones included. Nothing is decoded
+# here, but a syntax the workers cannot read is better refused at negotiation than stored.
 COMMON_TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2",  # Implicit VR Little Endian
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
@@ -50,14 +68,8 @@ COMMON_TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.4.107",  # HEVC/H.265
 ]
 
+
 AssociationEnded = Callable[[set[str]], None]
-
-
-def set_nodelay(event: Any) -> None:
-    """TCP_NODELAY on every DICOM socket: Nagle against delayed ACKs stalls DIMSE to ~17/s."""
-    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def server_tls_context(tls: TlsFiles) -> ssl.SSLContext:
@@ -71,11 +83,77 @@ def server_tls_context(tls: TlsFiles) -> ssl.SSLContext:
     return context
 
 
-def _failure(code: int, comment: str) -> Dataset:
-    reply = Dataset()
-    reply.Status = code
-    reply.ErrorComment = comment[:64]
-    return reply
+class SpoolSink:
+    """One C-STORE data set: into a spool file while it arrives, then through the Ingestor.
+
+    A request that cannot be stored (invalid UIDs, a full spool) still has its data set
+    read to the end, then gets its status.
+    """
+
+    def __init__(
+        self, listener: DicomListener, peer: Peer, command: Command, transfer_syntax: str
+    ) -> None:
+        self.listener = listener
+        self.peer = peer
+        self.command = command
+        self._incoming: IncomingFile | None = None
+        self._refusal: StoreResult | None = None
+        self._data = bytearray()
+        sop_class, sop_instance = command.affected_sop_class_uid, command.affected_sop_instance_uid
+        if not (is_valid_uid(sop_class) and is_valid_uid(sop_instance)):
+            self._refusal = listener.refuse(
+                peer,
+                status.CANNOT_UNDERSTAND,
+                "cannot-understand",
+                "invalid SOP Class or Instance UID in the C-STORE request",
+                sop_instance_uid=sop_instance[:64],
+            )
+            return
+        self._data += file_meta(
+            sop_class_uid=sop_class,
+            sop_instance_uid=sop_instance,
+            transfer_syntax_uid=transfer_syntax,
+            implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+            implementation_version_name=implementation_version_name(__version__),
+            source_ae_title=peer.calling_ae if peer.calling_ae.isascii() else None,
+        )
+        try:
+            self._incoming = listener.ingestor.spool.open()
+            self._incoming.write(self._data)
+        except OutOfResourcesError as exc:
+            self._out_of_resources(exc)
+
+    def _out_of_resources(self, exc: OutOfResourcesError) -> None:
+        self._incoming = None
+        self._refusal = self.listener.refuse(
+            self.peer,
+            status.OUT_OF_RESOURCES,
+            "out-of-resources",
+            str(exc),
+            sop_instance_uid=self.command.affected_sop_instance_uid,
+        )
+
+    def write(self, fragment: memoryview) -> None:
+        if self._refusal is not None:
+            return
+        self._data += fragment
+        if self._incoming is not None:
+            try:
+                self._incoming.write(fragment)
+            except OutOfResourcesError as exc:
+                self._out_of_resources(exc)
+
+    def finish(self) -> StoreResult:
+        if self._refusal is not None:
+            return self._refusal
+        return self.listener.store(
+            self.peer, self.command, bytes(self._data), incoming=self._incoming
+        )
+
+    def abandon(self) -> None:
+        if self._incoming is not None:
+            self._incoming.discard()
+            self._incoming = None
 
 
 class DicomListener:
@@ -95,44 +173,39 @@ class DicomListener:
         self.session_factory = session_factory
         self.metrics = metrics
         self.on_association_end = on_association_end
+        self.callers = CallerPolicy(settings.allowed_callers)
         self._studies: dict[int, set[str]] = {}
         self._lock = threading.Lock()
-        self._server: ThreadedAssociationServer | None = None
-        self.ae = self._build_ae()
-        metrics.associations.set_function(lambda: len(self.ae.active_associations))
-
-    def _build_ae(self) -> TriageAE:
-        settings = self.settings
-        ae = TriageAE(settings.ae_title, CallerPolicy(settings.allowed_callers))
-        ae.require_called_aet = True
-        ae.maximum_associations = settings.max_associations
-        ae.maximum_pdu_size = settings.max_pdu_bytes
-        ae.network_timeout = settings.network_timeout_seconds
-        ae.dimse_timeout = settings.dimse_timeout_seconds
-        ae.acse_timeout = settings.network_timeout_seconds
-        ae.add_supported_context(VERIFICATION, COMMON_TRANSFER_SYNTAXES[:3])
-        for context in AllStoragePresentationContexts:
-            assert context.abstract_syntax is not None
-            ae.add_supported_context(context.abstract_syntax, COMMON_TRANSFER_SYNTAXES)
-        return ae
+        self._server: AcceptorServer | None = None
+        self._contexts = supported_contexts(
+            [(VERIFICATION, COMMON_TRANSFER_SYNTAXES[:3])]
+            + [
+                (str(context.abstract_syntax), COMMON_TRANSFER_SYNTAXES)
+                for context in AllStoragePresentationContexts
+            ]
+        )
+        metrics.associations.set_function(
+            lambda: self._server.active_count() if self._server is not None else 0
+        )
 
     def start(self) -> None:
         settings = self.settings
-        handlers: list[Any] = [
-            (evt.EVT_CONN_OPEN, set_nodelay),
-            (evt.EVT_C_ECHO, self._on_echo),
-            (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_RELEASED, self._on_released),
-            (evt.EVT_ABORTED, self._on_aborted),
-            (evt.EVT_REJECTED, self._on_rejected),
-        ]
         tls = server_tls_context(settings.tls) if settings.tls else None
-        self._server = self.ae.start_server(
+        self._server = AcceptorServer(
             (settings.dicom_host, settings.dicom_port),
-            block=False,
-            evt_handlers=handlers,
-            ssl_context=tls,
+            settings=AcceptorSettings(
+                ae_title=settings.ae_title,
+                max_pdu_bytes=settings.max_pdu_bytes,
+                network_timeout=settings.network_timeout_seconds,
+                dimse_timeout=settings.dimse_timeout_seconds,
+                implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+                implementation_version_name=implementation_version_name(__version__),
+            ),
+            policy=self,
+            contexts=self._contexts,
+            tls=tls,
         )
+        self._server.start()
         log.info(
             "DICOM listener started",
             extra={"ae_title": settings.ae_title, "port": self.port, "tls": tls is not None},
@@ -142,87 +215,108 @@ class DicomListener:
     def port(self) -> int:
         if self._server is None:
             return self.settings.dicom_port
-        return int(self._server.server_address[1])
+        return self._server.port
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
+            self._server.stop()
             self._server = None
             log.info("DICOM listener stopped")
 
-    # -- handlers ---------------------------------------------------------------------------
+    # -- the AcceptorPolicy -----------------------------------------------------------------
 
-    def _on_echo(self, event: Any) -> int:
-        return status.SUCCESS
+    def check(self, peer: Peer, active: int) -> Rejection | None:
+        if peer.called_ae != self.settings.ae_title:
+            return rejection(CALLED_AE_NOT_RECOGNISED, "called AE title is not ours")
+        if not self.callers.open and peer.calling_ae not in self.callers.titles_for(peer.address):
+            return rejection(CALLING_AE_NOT_RECOGNISED, "calling AE title not allowed")
+        if active >= self.settings.max_associations:
+            return rejection(LOCAL_LIMIT_EXCEEDED, "too many associations")
+        return None
 
-    def _reject(self, event: Any, code: int, reason: str, message: str, **uids: str) -> Dataset:
-        calling = event.assoc.requestor.ae_title
-        self.metrics.rejections.labels(reason=reason).inc()
-        log.warning(
-            "C-STORE refused: %s",
-            message,
-            extra={"calling_ae": calling, "status": f"0x{code:04X}", **uids},
-        )
-        record_rejection(
-            self.session_factory, reason=reason, actor=calling, status=code, message=message, **uids
-        )
-        return _failure(code, message)
-
-    def _on_store(self, event: Any) -> int | Dataset:
-        request = event.request
-        requested = (str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID))
-        uids = {"sop_instance_uid": requested[1][:64]}
-        try:
-            data = event.encoded_dataset(include_meta=True)
-            ingested = self.ingestor.ingest(
-                data,
-                calling_ae=event.assoc.requestor.ae_title,
-                source="dimse",
-                requested=requested,
-            )
-        except DatasetMismatchError as exc:
-            return self._reject(
-                event, status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "dataset-mismatch", str(exc), **uids
-            )
-        except DicomInputError as exc:
-            return self._reject(
-                event, status.CANNOT_UNDERSTAND, "cannot-understand", str(exc), **uids
-            )
-        except OutOfResourcesError as exc:
-            return self._reject(
-                event, status.OUT_OF_RESOURCES, "out-of-resources", str(exc), **uids
-            )
-        except Exception as exc:  # the handler never raises: pynetdicom would abort
-            log.exception("C-STORE failed", extra=uids)
-            return self._reject(
-                event, status.PROCESSING_FAILURE, "processing-failure", type(exc).__name__, **uids
-            )
-        with self._lock:
-            self._studies.setdefault(id(event.assoc), set()).add(ingested.header.study_uid)
-        return status.SUCCESS
-
-    def _end(self, event: Any, *, released: bool) -> None:
-        with self._lock:
-            studies = self._studies.pop(id(event.assoc), set())
-        if released and studies and self.on_association_end is not None:
-            self.on_association_end(studies)
-
-    def _on_released(self, event: Any) -> None:
-        self._end(event, released=True)
-
-    def _on_aborted(self, event: Any) -> None:
-        self._end(event, released=False)
-
-    def _on_rejected(self, event: Any) -> None:
-        requestor = event.assoc.requestor
+    def rejected(self, peer: Peer, refusal: Rejection) -> None:
         self.metrics.rejections.labels(reason="association-rejected").inc()
         log.warning(
-            "association rejected",
-            extra={"calling_ae": requestor.ae_title, "address": requestor.address},
+            "association rejected: %s",
+            refusal.why,
+            extra={"calling_ae": peer.calling_ae, "address": peer.address},
         )
         record_rejection(
             self.session_factory,
             reason="association-rejected",
-            actor=str(requestor.ae_title)[:64],
-            address=str(requestor.address),
+            actor=peer.calling_ae[:64],
+            address=peer.address,
+            why=refusal.why,
         )
+
+    def aborted(self, peer: Peer, why: str) -> None:
+        self.metrics.rejections.labels(reason="association-aborted").inc()
+        record_rejection(
+            self.session_factory,
+            reason="association-aborted",
+            actor=peer.calling_ae[:64] or None,
+            address=peer.address,
+            why=why[:200],
+        )
+
+    def open_store(self, peer: Peer, command: Command, transfer_syntax: str) -> SpoolSink:
+        return SpoolSink(self, peer, command, transfer_syntax)
+
+    def ended(self, peer: Peer, *, released: bool) -> None:
+        with self._lock:
+            studies = self._studies.pop(id(peer), set())
+        if released and studies and self.on_association_end is not None:
+            self.on_association_end(studies)
+
+    # -- storing ------------------------------------------------------------------------------
+
+    def refuse(self, peer: Peer, code: int, reason: str, message: str, **uids: str) -> StoreResult:
+        """Count, log and record a refused C-STORE; the result to answer with."""
+        self.metrics.rejections.labels(reason=reason).inc()
+        log.warning(
+            "C-STORE refused: %s",
+            message,
+            extra={"calling_ae": peer.calling_ae, "status": f"0x{code:04X}", **uids},
+        )
+        record_rejection(
+            self.session_factory,
+            reason=reason,
+            actor=peer.calling_ae,
+            status=code,
+            message=message,
+            **uids,
+        )
+        return StoreResult(code, message[:64])
+
+    def store(
+        self, peer: Peer, command: Command, data: bytes, *, incoming: IncomingFile | None
+    ) -> StoreResult:
+        """Ingest one received instance (``data`` is also in ``incoming``, uncommitted)."""
+        requested = (command.affected_sop_class_uid, command.affected_sop_instance_uid)
+        uids = {"sop_instance_uid": requested[1]}
+        try:
+            ingested = self.ingestor.ingest(
+                data,
+                calling_ae=peer.calling_ae,
+                source="dimse",
+                requested=requested,
+                incoming=incoming,
+            )
+        except DatasetMismatchError as exc:
+            return self.refuse(
+                peer, status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "dataset-mismatch", str(exc), **uids
+            )
+        except DicomInputError as exc:
+            return self.refuse(
+                peer, status.CANNOT_UNDERSTAND, "cannot-understand", str(exc), **uids
+            )
+        except OutOfResourcesError as exc:
+            return self.refuse(peer, status.OUT_OF_RESOURCES, "out-of-resources", str(exc), **uids)
+        except Exception as exc:  # never into the protocol: answer a failure instead
+            log.exception("C-STORE failed", extra=uids)
+            return self.refuse(
+                peer, status.PROCESSING_FAILURE, "processing-failure", type(exc).__name__, **uids
+            )
+        with self._lock:
+            self._studies.setdefault(id(peer), set()).add(ingested.header.study_uid)
+        return StoreResult(status.SUCCESS)

@@ -41,17 +41,107 @@ def _fsync_dir(path: Path) -> None:
 
 def write_durably(final: Path, data: bytes, *, temporary: Path) -> None:
     """Write ``data`` to ``temporary``, fsync, rename onto ``final``, fsync the directory."""
+    writer = DurableWriter(final, temporary=temporary)
     try:
-        with temporary.open("wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(temporary, final)
-        _fsync_dir(final.parent)
+        writer.write(data)
     except BaseException:
-        temporary.unlink(missing_ok=True)
+        writer.discard()
         raise
+    writer.commit()
+
+
+class DurableWriter:
+    """A file written piece by piece into ``temporary`` and, on ``commit()``, fsynced and
+    renamed onto ``final`` (directory fsynced too). Until then ``final`` does not exist.
+
+    Pieces are hashed (SHA-256) as they are written. Raises OSError as the system does.
+    """
+
+    def __init__(self, final: Path, *, temporary: Path) -> None:
+        self.final = final
+        self.temporary = temporary
+        self.size = 0
+        self._hash = hashlib.sha256()
+        self._fd: int | None = os.open(
+            temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640
+        )
+
+    def write(self, piece: bytes | bytearray | memoryview) -> None:
+        if self._fd is None:
+            raise ValueError("writer already committed or discarded")
+        view = memoryview(piece)
+        self._hash.update(view)
+        self.size += len(view)
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def commit(self) -> None:
+        if self._fd is None:
+            raise ValueError("writer already committed or discarded")
+        fd, self._fd = self._fd, None
+        try:
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            self.temporary.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        try:
+            try:
+                os.replace(self.temporary, self.final)
+            except FileNotFoundError:
+                self.final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(self.temporary, self.final)
+            _fsync_dir(self.final.parent)
+        except BaseException:
+            self.temporary.unlink(missing_ok=True)
+            raise
+
+    def discard(self) -> None:
+        """Forget the file (nothing happens after a commit)."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+            self.temporary.unlink(missing_ok=True)
+
+
+class IncomingFile:
+    """A spool file being written; ``commit()`` makes it durable, ``discard()`` drops it.
+
+    Every OSError (a full disk above all) comes out as OutOfResourcesError, and a failed
+    file is discarded.
+    """
+
+    def __init__(self, spool: Spool, file_id: str) -> None:
+        self.spool = spool
+        self.file_id = file_id
+        try:
+            self._writer = DurableWriter(
+                spool.path_for(file_id), temporary=spool.tmp / f"{file_id}.part"
+            )
+        except OSError as exc:
+            raise spool._failed(exc) from exc
+
+    def write(self, piece: bytes | bytearray | memoryview) -> None:
+        try:
+            self._writer.write(piece)
+        except OSError as exc:
+            self._writer.discard()
+            raise self.spool._failed(exc) from exc
+
+    def commit(self) -> SpooledFile:
+        try:
+            self._writer.commit()
+        except OSError as exc:
+            raise self.spool._failed(exc) from exc
+        return SpooledFile(self.file_id, self._writer.final, self._writer.size, self._writer.sha256)
+
+    def discard(self) -> None:
+        self._writer.discard()
 
 
 class Spool:
@@ -87,19 +177,24 @@ class Spool:
             self._free_checked_at = now
         return self._has_room
 
-    def write(self, data: bytes, *, sha256: str | None = None) -> SpooledFile:
+    def write(self, data: bytes) -> SpooledFile:
         """Store ``data`` durably and return its id. Raises OutOfResourcesError on a full disk."""
+        incoming = self.open()
+        incoming.write(data)
+        return incoming.commit()
+
+    def open(self) -> IncomingFile:
+        """A new spool file to be written as its bytes arrive.
+
+        Raises OutOfResourcesError below the free-space reserve or when it cannot be created.
+        """
         if not self.has_room():
             raise OutOfResourcesError("spool is below its free-space reserve")
-        file_id = uuid.uuid4().hex
-        final = self.path_for(file_id)
-        temporary = self.tmp / f"{file_id}.part"
-        try:
-            write_durably(final, data, temporary=temporary)
-        except OSError as exc:
-            self._free_checked_at = 0.0  # look again next time
-            raise OutOfResourcesError(f"spool write failed: {exc.strerror}") from exc
-        return SpooledFile(file_id, final, len(data), sha256 or content_hash(data))
+        return IncomingFile(self, uuid.uuid4().hex)
+
+    def _failed(self, exc: OSError) -> OutOfResourcesError:
+        self._free_checked_at = 0.0  # look again next time
+        return OutOfResourcesError(f"spool write failed: {exc.strerror}")
 
     def remove(self, file_id: str) -> None:
         self.path_for(file_id).unlink(missing_ok=True)

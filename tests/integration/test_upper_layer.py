@@ -1,0 +1,265 @@
+"""The listener's DICOM upper layer driven byte by byte over loopback: negotiation results,
+fragmentation, abandoned and broken associations, limits. Peers that behave are covered by
+test_receiver.py (DCMTK, pynetdicom, Orthanc); these are the ones that do not."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pynetdicom import AE
+from sqlalchemy import func, select
+
+from tests.conftest import IngestStack, StackFactory
+from tests.helpers.dul import (
+    A_ABORT,
+    A_ASSOCIATE_AC_TYPE,
+    A_RELEASE_RP,
+    A_RELEASE_RQ,
+    P_DATA_TF,
+    RawAssociation,
+    c_store_rq,
+    command_set,
+    pdu,
+    pdv,
+)
+from tests.helpers.instances import dataset_body, pydicom_file
+from tests.helpers.process import wait_for
+from triage.config import Settings
+from triage.db.models import AuditEvent, Instance
+from triage.db.session import session_scope
+from triage.dicom import status
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+VERIFICATION = "1.2.840.10008.1.1"
+
+
+@pytest.fixture
+def stack(settings: Settings, stack_factory: StackFactory) -> IngestStack:
+    stack = stack_factory(
+        settings.model_copy(
+            update={"allowed_callers": [], "max_associations": 2, "network_timeout_seconds": 5}
+        )
+    )
+    stack.listener()
+    return stack
+
+
+def _port(stack: IngestStack) -> int:
+    return stack.listeners[0].port
+
+
+def _count(stack: IngestStack, model: type, *where: object) -> int:
+    with session_scope(stack.session_factory) as session:
+        return int(session.scalar(select(func.count()).select_from(model).where(*where)) or 0)
+
+
+def _files(stack: IngestStack) -> list[Path]:
+    return [path for path in stack.spool.root.rglob("*") if path.is_file()]
+
+
+def _ct_small() -> tuple[bytes, str]:
+    ds = dcmread(pydicom_file("CT_small.dcm"))
+    return dataset_body(ds), str(ds.SOPInstanceUID)
+
+
+def _wait_active(stack: IngestStack, count: int) -> None:
+    def active() -> float | None:
+        return stack.registry.get_sample_value("triage_associations_active")
+
+    wait_for(lambda: active() == count, timeout=5, what=f"{count} open associations")
+
+
+def _associated(stack: IngestStack, *syntaxes: str) -> RawAssociation:
+    peer = RawAssociation(_port(stack))
+    assert peer.associate(list(syntaxes) or [CT_IMAGE_STORAGE]).pdu_type == A_ASSOCIATE_AC_TYPE
+    return peer
+
+
+def _release(peer: RawAssociation) -> None:
+    peer.send(pdu(A_RELEASE_RQ, bytes(4)))
+    assert peer.read().pdu_type == A_RELEASE_RP
+    peer.close()
+
+
+def test_many_small_fragments_and_several_pdvs_per_pdu_make_one_instance(
+    stack: IngestStack,
+) -> None:
+    body, sop_instance_uid = _ct_small()
+    peer = _associated(stack)
+    command = c_store_rq(1, CT_IMAGE_STORAGE, sop_instance_uid)
+    # The command in two fragments, then the data set in 1000-byte fragments, five per PDU.
+    items = [pdv(1, 0x01, command[:20]), pdv(1, 0x03, command[20:])]
+    chunks = [body[start : start + 1000] for start in range(0, len(body), 1000)]
+    items += [pdv(1, 0x02 if i == len(chunks) - 1 else 0x00, c) for i, c in enumerate(chunks)]
+    for start in range(0, len(items), 5):
+        peer.send(pdu(P_DATA_TF, b"".join(items[start : start + 5])))
+    assert peer.response_status() == status.SUCCESS
+    _release(peer)
+    assert _count(stack, Instance) == 1
+    [stored] = stack.spool.objects.glob("*/*.dcm")
+    assert stored.read_bytes().endswith(body)
+    assert dcmread(stored).file_meta.MediaStorageSOPInstanceUID == sop_instance_uid
+
+
+def test_association_aborted_mid_data_set_keeps_nothing(stack: IngestStack) -> None:
+    body, sop_instance_uid = _ct_small()
+    peer = _associated(stack)
+    peer.send(pdu(P_DATA_TF, pdv(1, 0x03, c_store_rq(1, CT_IMAGE_STORAGE, sop_instance_uid))))
+    peer.send(pdu(P_DATA_TF, pdv(1, 0x00, body[: len(body) // 2])))
+    peer.send(pdu(A_ABORT, bytes([0, 0, 0, 0])))
+    peer.close()
+    _wait_active(stack, 0)
+    assert _count(stack, Instance) == 0
+    assert _files(stack) == []
+
+
+def test_connection_dropped_mid_data_set_keeps_nothing(stack: IngestStack) -> None:
+    body, sop_instance_uid = _ct_small()
+    peer = _associated(stack)
+    peer.send(pdu(P_DATA_TF, pdv(1, 0x03, c_store_rq(1, CT_IMAGE_STORAGE, sop_instance_uid))))
+    peer.send(pdu(P_DATA_TF, pdv(1, 0x00, body[:5000])))
+    peer.close()
+    _wait_active(stack, 0)
+    assert _count(stack, Instance) == 0
+    assert _files(stack) == []
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        pytest.param(pdu(0x09, b"\x00" * 8), id="unknown-pdu-type"),
+        pytest.param(pdu(P_DATA_TF, pdv(7, 0x03, b"\x00" * 8)), id="context-not-accepted"),
+        pytest.param(pdu(P_DATA_TF, b"\x00\x00\x10\x00\x01\x03"), id="pdv-longer-than-pdu"),
+        pytest.param(pdu(P_DATA_TF, pdv(1, 0x00, b"\x00" * 8)), id="data-before-command"),
+        pytest.param(pdu(P_DATA_TF, pdv(1, 0x03, b"\x08\x00\x00\x00")), id="bad-command-set"),
+        pytest.param(pdu(0x01, b"\x00" * 100), id="second-associate-rq"),
+        pytest.param(b"\x04\x00\xff\xff\xff\xff", id="pdu-claims-4-gib"),
+    ],
+)
+def test_protocol_errors_get_an_abort_and_the_listener_keeps_serving(
+    stack: IngestStack, broken: bytes
+) -> None:
+    peer = _associated(stack)
+    peer.send(broken)
+    reply = peer.read()
+    assert reply.pdu_type == A_ABORT
+    assert reply.body[2] == 0x02  # source: service provider
+    assert peer.closed_by_peer()
+    wait_for(
+        lambda: _count(stack, AuditEvent, AuditEvent.kind == "rejection") == 1,
+        timeout=5,
+        what="the abort recorded",
+    )
+    ae = AE(ae_title="AFTER")
+    ae.add_requested_context(VERIFICATION)
+    assoc = ae.associate("127.0.0.1", _port(stack), ae_title="TRIAGE")
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == status.SUCCESS
+    assoc.release()
+
+
+def test_release_in_the_middle_of_a_message_is_an_abort(stack: IngestStack) -> None:
+    body, sop_instance_uid = _ct_small()
+    peer = _associated(stack)
+    peer.send(pdu(P_DATA_TF, pdv(1, 0x03, c_store_rq(1, CT_IMAGE_STORAGE, sop_instance_uid))))
+    peer.send(pdu(P_DATA_TF, pdv(1, 0x00, body[:1000])))
+    peer.send(pdu(A_RELEASE_RQ, bytes(4)))
+    assert peer.read().pdu_type == A_ABORT
+    assert _count(stack, Instance) == 0
+
+
+def test_store_on_another_classes_context_and_unknown_operations_are_refused(
+    stack: IngestStack,
+) -> None:
+    body, sop_instance_uid = _ct_small()
+    peer = _associated(stack, MR_IMAGE_STORAGE, VERIFICATION)
+    # A CT instance on the MR context (id 1).
+    peer.send(pdu(P_DATA_TF, pdv(1, 0x03, c_store_rq(1, CT_IMAGE_STORAGE, sop_instance_uid))))
+    peer.send(pdu(P_DATA_TF, pdv(1, 0x02, body)))
+    assert peer.response_status() == 0x0122
+    # An N-ACTION (no data set) on the verification context (id 3).
+    action = command_set(
+        RequestedSOPClassUID=VERIFICATION,
+        CommandField=0x0130,
+        MessageID=2,
+        CommandDataSetType=0x0101,
+        RequestedSOPInstanceUID="1.2.3",
+    )
+    peer.send(pdu(P_DATA_TF, pdv(3, 0x03, action)))
+    assert peer.response_status() == 0x0211
+    _release(peer)
+    assert _count(stack, Instance) == 0
+    assert _files(stack) == []
+
+
+def test_unsupported_sop_class_is_refused_at_negotiation(stack: IngestStack) -> None:
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context("1.2.3.4.5.6")  # no such storage class
+    ae.add_requested_context(CT_IMAGE_STORAGE, "1.2.840.10008.1.2.4.999")  # unknown syntax
+    ae.add_requested_context(CT_IMAGE_STORAGE)
+    assoc = ae.associate("127.0.0.1", _port(stack), ae_title="TRIAGE")
+    assert assoc.is_established
+    results = {cx.context_id: cx.result for cx in assoc.rejected_contexts}
+    assert results == {1: 0x03, 3: 0x04}  # abstract / transfer syntax not supported
+    assert [cx.abstract_syntax for cx in assoc.accepted_contexts] == [CT_IMAGE_STORAGE]
+    assoc.release()
+
+
+def test_associations_beyond_the_limit_are_rejected_as_transient(stack: IngestStack) -> None:
+    held = [_associated(stack), _associated(stack)]  # max_associations = 2
+    extra = RawAssociation(_port(stack))
+    reply = extra.associate([CT_IMAGE_STORAGE])
+    assert RawAssociation.rejection(reply) == (0x02, 0x03, 0x02)  # transient, local limit
+    extra.close()
+    _release(held.pop())
+    _wait_active(stack, 1)
+    again = _associated(stack)  # room again
+    _release(again)
+    _release(held.pop())
+    wait_for(
+        lambda: _count(stack, AuditEvent, AuditEvent.kind == "rejection") == 1,
+        timeout=5,
+        what="the rejection recorded",
+    )
+
+
+@pytest.mark.parametrize(
+    ("calling", "called", "expected"),
+    [
+        ("RAWSCU", "SOMEONE", (0x01, 0x01, 0x07)),  # called AE title not recognised
+        ("STRANGER", "TRIAGE", (0x01, 0x01, 0x03)),  # calling AE title not recognised
+    ],
+)
+def test_association_rejection_reasons(
+    settings: Settings,
+    stack_factory: StackFactory,
+    calling: str,
+    called: str,
+    expected: tuple[int, int, int],
+) -> None:
+    allowed = Settings(allowed_callers=["RAWSCU"]).allowed_callers
+    stack = stack_factory(settings.model_copy(update={"allowed_callers": allowed}))
+    listener = stack.listener()
+    peer = RawAssociation(listener.port)
+    assert (
+        RawAssociation.rejection(peer.associate([CT_IMAGE_STORAGE], calling=calling, called=called))
+        == expected
+    )
+    peer.close()
+
+
+def test_idle_association_is_closed_after_the_network_timeout(
+    settings: Settings, stack_factory: StackFactory
+) -> None:
+    stack = stack_factory(settings.model_copy(update={"network_timeout_seconds": 0.5}))
+    listener = stack.listener()
+    peer = RawAssociation(listener.port, timeout=5)
+    assert peer.associate([CT_IMAGE_STORAGE]).pdu_type == A_ASSOCIATE_AC_TYPE
+    started = time.monotonic()
+    assert peer.read().pdu_type == A_ABORT
+    assert time.monotonic() - started < 3
+    assert peer.closed_by_peer()

@@ -1,0 +1,566 @@
+"""The DICOM upper layer (PS3.8) as association acceptor, for C-ECHO and C-STORE.
+
+pynetdicom decodes and encodes the association PDUs and negotiates the presentation
+contexts; this module runs the connections. Each association is one thread doing blocking
+reads, with no polling and no hand-offs between threads, and a C-STORE data set goes to its
+sink fragment by fragment as it arrives, so writing it overlaps receiving it.
+
+What is done with an association and its messages is the ``AcceptorPolicy``'s business
+(``triage.receiver.scp``); this module knows the protocol only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pydicom.uid import UID
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+)
+from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+
+from triage.dicom.dimse import C_ECHO_RQ, C_STORE_RQ, Command, encode_response, parse_command
+from triage.errors import DicomInputError
+
+log = logging.getLogger(__name__)
+
+APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"
+
+# PDU types (PS3.8 9.3)
+A_ASSOCIATE_RQ_TYPE = 0x01
+A_ASSOCIATE_AC_TYPE = 0x02
+A_ASSOCIATE_RJ_TYPE = 0x03
+P_DATA_TF_TYPE = 0x04
+A_RELEASE_RQ_TYPE = 0x05
+A_RELEASE_RP_TYPE = 0x06
+A_ABORT_TYPE = 0x07
+
+# A-P-ABORT reasons (PS3.8 9.3.8)
+REASON_NOT_SPECIFIED = 0x00
+UNRECOGNISED_PDU = 0x01
+UNEXPECTED_PDU = 0x02
+INVALID_PDU_PARAMETER = 0x06
+
+MAX_ASSOCIATE_RQ_BYTES = 1 << 20
+"""An A-ASSOCIATE-RQ larger than this is not a real one."""
+PDU_SLACK_BYTES = 1024
+"""P-DATA-TF PDUs may exceed the maximum length we announced by this much before we abort."""
+
+_PDU_HEADER = struct.Struct(">BxL")
+_PDV_HEADER = struct.Struct(">LBB")
+
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
+STATUS_UNRECOGNISED_OPERATION = 0x0211
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """An A-ASSOCIATE-RJ's result, source and reason (PS3.8 9.3.4), and why, for the log."""
+
+    result: int
+    source: int
+    reason: int
+    why: str
+
+
+CALLING_AE_NOT_RECOGNISED = (0x01, 0x01, 0x03)
+CALLED_AE_NOT_RECOGNISED = (0x01, 0x01, 0x07)
+APPLICATION_CONTEXT_NOT_SUPPORTED = (0x01, 0x01, 0x02)
+PROTOCOL_VERSION_NOT_SUPPORTED = (0x01, 0x02, 0x02)
+LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)
+
+
+def rejection(code: tuple[int, int, int], why: str) -> Rejection:
+    return Rejection(*code, why=why)
+
+
+@dataclass
+class Peer:
+    """One association as the policy sees it."""
+
+    address: str
+    port: int
+    calling_ae: str = ""
+    called_ae: str = ""
+    started: float = field(default_factory=time.monotonic)
+    instances: int = 0
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    status: int
+    error_comment: str | None = None
+
+
+class DataSink(Protocol):
+    """Where one C-STORE data set goes while it arrives."""
+
+    def write(self, fragment: memoryview) -> None: ...
+
+    def finish(self) -> StoreResult:
+        """The whole data set has arrived: keep it (or not) and say which status to answer."""
+        ...
+
+    def abandon(self) -> None:
+        """The association ended before the data set was whole: nothing is kept."""
+        ...
+
+
+class AcceptorPolicy(Protocol):
+    """What the listener decides; the protocol is this module's."""
+
+    def check(self, peer: Peer, active: int) -> Rejection | None:
+        """Whether to accept the association (``active`` counts the others)."""
+        ...
+
+    def rejected(self, peer: Peer, refusal: Rejection) -> None: ...
+
+    def open_store(self, peer: Peer, command: Command, transfer_syntax: str) -> DataSink: ...
+
+    def ended(self, peer: Peer, *, released: bool) -> None: ...
+
+    def aborted(self, peer: Peer, why: str) -> None:
+        """We aborted the association because the peer broke the protocol or went silent."""
+        ...
+
+
+class _Abort(Exception):
+    """The peer broke the protocol: send an A-P-ABORT with ``reason`` and close."""
+
+    def __init__(self, message: str, reason: int = INVALID_PDU_PARAMETER) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class _Closed(Exception):
+    """The connection ended (closed by the peer, reset, timed out, or told to stop)."""
+
+
+def supported_contexts(
+    abstract_syntaxes: Iterable[tuple[str, list[str]]],
+) -> list[PresentationContext]:
+    """Acceptor presentation contexts for pynetdicom's negotiation, built once per listener."""
+    contexts = []
+    for abstract_syntax, transfer_syntaxes in abstract_syntaxes:
+        context = PresentationContext()
+        context.abstract_syntax = UID(abstract_syntax)
+        context.transfer_syntax = [UID(syntax) for syntax in transfer_syntaxes]
+        contexts.append(context)
+    return contexts
+
+
+def _pdu(pdu_type: int, body: bytes) -> bytes:
+    return _PDU_HEADER.pack(pdu_type, len(body)) + body
+
+
+def _p_data(context_id: int, control: int, data: bytes) -> bytes:
+    item = _PDV_HEADER.pack(len(data) + 2, context_id, control) + data
+    return _pdu(P_DATA_TF_TYPE, item)
+
+
+@dataclass(frozen=True)
+class AcceptorSettings:
+    ae_title: str
+    max_pdu_bytes: int
+    network_timeout: float
+    dimse_timeout: float
+    implementation_class_uid: str
+    implementation_version_name: str
+
+
+class Association:
+    """One accepted connection, run to its end in its own thread."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        peer: Peer,
+        *,
+        server: AcceptorServer,
+    ) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.server = server
+        self.settings = server.settings
+        self.policy = server.policy
+        self._buffer = bytearray(max(self.settings.max_pdu_bytes, 16384) + PDU_SLACK_BYTES)
+        self._header = bytearray(_PDU_HEADER.size)
+        self._contexts: dict[int, str] = {}  # accepted context id -> transfer syntax
+        self._abstract: dict[int, str] = {}  # accepted context id -> abstract syntax
+        self._peer_max_pdu = 0
+        self._established = False
+        self._sink: DataSink | None = None  # the C-STORE data set being received
+
+    # -- transport ---------------------------------------------------------------------------
+
+    def _read_into(self, view: memoryview) -> None:
+        while view:
+            try:
+                count = self.sock.recv_into(view)
+            except TimeoutError as exc:
+                raise _Abort("nothing received within the timeout", REASON_NOT_SPECIFIED) from exc
+            except OSError as exc:
+                raise _Closed(type(exc).__name__) from exc
+            if count == 0:
+                raise _Closed("connection closed by the peer")
+            view = view[count:]
+
+    def _read_pdu(self, timeout: float) -> tuple[int, memoryview]:
+        """The next PDU's type and body; the body is valid until the next read."""
+        self.sock.settimeout(timeout)
+        self._read_into(memoryview(self._header))
+        pdu_type, length = _PDU_HEADER.unpack(self._header)
+        if pdu_type == P_DATA_TF_TYPE:
+            limit = len(self._buffer)
+        elif pdu_type == A_ASSOCIATE_RQ_TYPE:
+            limit = MAX_ASSOCIATE_RQ_BYTES
+        else:
+            limit = 64 * 1024
+        if length > limit:
+            raise _Abort(f"PDU of type {pdu_type:#04x} claims {length} bytes")
+        if length > len(self._buffer):
+            self._buffer = bytearray(length)
+        body = memoryview(self._buffer)[:length]
+        self._read_into(body)
+        return pdu_type, body
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise _Closed(type(exc).__name__) from exc
+
+    def _send_abort(self, source: int, reason: int) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.sendall(_pdu(A_ABORT_TYPE, bytes([0, 0, source, reason])))
+
+    # -- the association ---------------------------------------------------------------------
+
+    def run(self) -> None:
+        released = False
+        try:
+            if self.server.tls is not None:
+                self._handshake()
+            if not self._negotiate():
+                return
+            released = self._serve()
+        except _Abort as exc:
+            log.warning(
+                "association aborted: %s",
+                exc,
+                extra={"calling_ae": self.peer.calling_ae, "address": self.peer.address},
+            )
+            self._send_abort(0x02, exc.reason)
+            self.policy.aborted(self.peer, str(exc))
+        except _Closed as exc:
+            if self._established:
+                log.info(
+                    "association ended without release: %s",
+                    exc,
+                    extra={"calling_ae": self.peer.calling_ae, "address": self.peer.address},
+                )
+        except Exception:
+            log.exception(
+                "association failed",
+                extra={"calling_ae": self.peer.calling_ae, "address": self.peer.address},
+            )
+            self._send_abort(0x02, REASON_NOT_SPECIFIED)
+        finally:
+            if self._sink is not None:
+                self._sink.abandon()
+                self._sink = None
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            if self._established:
+                self.policy.ended(self.peer, released=released)
+
+    def _handshake(self) -> None:
+        assert self.server.tls is not None
+        self.sock.settimeout(self.settings.network_timeout)
+        try:
+            self.sock = self.server.tls.wrap_socket(self.sock, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            log.warning(
+                "TLS handshake failed: %s",
+                getattr(exc, "reason", None) or type(exc).__name__,
+                extra={"address": self.peer.address},
+            )
+            raise _Closed("TLS handshake failed") from exc
+
+    def _negotiate(self) -> bool:
+        """Read the A-ASSOCIATE-RQ and answer it. True when the association is established."""
+        pdu_type, body = self._read_pdu(self.settings.network_timeout)
+        if pdu_type != A_ASSOCIATE_RQ_TYPE:
+            raise _Abort(f"expected A-ASSOCIATE-RQ, got PDU type {pdu_type:#04x}", UNEXPECTED_PDU)
+        request = A_ASSOCIATE_RQ()
+        try:
+            request.decode(_PDU_HEADER.pack(pdu_type, len(body)) + bytes(body))
+            primitive = request.to_primitive()
+        except Exception as exc:
+            raise _Abort(f"undecodable A-ASSOCIATE-RQ ({type(exc).__name__})") from exc
+        self.peer.calling_ae = str(primitive.calling_ae_title).strip()
+        self.peer.called_ae = str(primitive.called_ae_title).strip()
+        refusal = self._refusal(request, primitive)
+        if refusal is not None:
+            self._send(
+                _pdu(
+                    A_ASSOCIATE_RJ_TYPE, bytes([0, refusal.result, refusal.source, refusal.reason])
+                )
+            )
+            self.policy.rejected(self.peer, refusal)
+            return False
+        results, _roles = negotiate_as_acceptor(
+            primitive.presentation_context_definition_list, self.server.contexts, None
+        )
+        for context in results:
+            if context.result == 0x00 and context.context_id is not None:
+                self._contexts[context.context_id] = str(context.transfer_syntax[0])
+                self._abstract[context.context_id] = str(context.abstract_syntax)
+        self._peer_max_pdu = primitive.maximum_length_received or 0
+        self._send(self._accept(primitive, results))
+        self._established = True
+        log.info(
+            "association accepted",
+            extra={
+                "calling_ae": self.peer.calling_ae,
+                "address": self.peer.address,
+                "contexts": len(self._contexts),
+            },
+        )
+        return True
+
+    def _refusal(self, request: A_ASSOCIATE_RQ, primitive: A_ASSOCIATE) -> Rejection | None:
+        if not request.protocol_version & 0x0001:
+            return rejection(PROTOCOL_VERSION_NOT_SUPPORTED, "protocol version not supported")
+        if str(primitive.application_context_name) != APPLICATION_CONTEXT_NAME:
+            return rejection(APPLICATION_CONTEXT_NOT_SUPPORTED, "application context unknown")
+        return self.policy.check(self.peer, self.server.active_count() - 1)
+
+    def _accept(self, primitive: A_ASSOCIATE, results: list[PresentationContext]) -> bytes:
+        reply = A_ASSOCIATE()
+        reply.application_context_name = UID(APPLICATION_CONTEXT_NAME)
+        reply.calling_ae_title = primitive.calling_ae_title
+        reply.called_ae_title = primitive.called_ae_title
+        reply.result = 0x00
+        reply.result_source = 0x01
+        reply.presentation_context_definition_results_list = results
+        maximum = MaximumLengthNotification()
+        maximum.maximum_length_received = self.settings.max_pdu_bytes
+        implementation = ImplementationClassUIDNotification()
+        implementation.implementation_class_uid = UID(self.settings.implementation_class_uid)
+        version = ImplementationVersionNameNotification()
+        version.implementation_version_name = self.settings.implementation_version_name
+        reply.user_information = [maximum, implementation, version]
+        pdu = A_ASSOCIATE_AC()
+        pdu.from_primitive(reply)
+        return pdu.encode()
+
+    def _serve(self) -> bool:
+        """The data transfer phase, until release, abort or end of connection.
+
+        Returns whether the peer released the association.
+        """
+        command_bytes = bytearray()
+        command: Command | None = None
+        context_id = 0
+        settings = self.settings
+        while True:
+            in_message = bool(command_bytes) or command is not None
+            pdu_type, body = self._read_pdu(
+                settings.dimse_timeout if in_message else settings.network_timeout
+            )
+            if pdu_type == P_DATA_TF_TYPE:
+                offset, end = 0, len(body)
+                while offset < end:
+                    if end - offset < _PDV_HEADER.size:
+                        raise _Abort("P-DATA-TF ends inside a PDV header")
+                    length, pdv_context, control = _PDV_HEADER.unpack_from(body, offset)
+                    if length < 2 or offset + 4 + length > end:
+                        raise _Abort("PDV item length does not fit its P-DATA-TF")
+                    fragment = body[offset + 6 : offset + 4 + length]
+                    offset += 4 + length
+                    if pdv_context not in self._contexts:
+                        raise _Abort(f"PDV for presentation context {pdv_context} not accepted")
+                    last = bool(control & 0x02)
+                    if control & 0x01:  # command fragment
+                        if command is not None:
+                            raise _Abort("command fragment while a data set was expected")
+                        command_bytes += fragment
+                        if not last:
+                            continue
+                        try:
+                            command = parse_command(command_bytes)
+                        except DicomInputError as exc:
+                            raise _Abort(str(exc)) from exc
+                        command_bytes.clear()
+                        context_id = pdv_context
+                        if not command.has_dataset:
+                            self._answer(context_id, command, self._no_dataset(command))
+                            command = None
+                            continue
+                        self._sink = self._open(command, context_id)
+                    else:  # data set fragment
+                        if command is None:
+                            raise _Abort("data set fragment without a command")
+                        if pdv_context != context_id:
+                            raise _Abort("data set on another presentation context")
+                        sink = self._sink
+                        if sink is not None:
+                            sink.write(fragment)
+                        if not last:
+                            continue
+                        if sink is not None:
+                            self._sink = None
+                            result = sink.finish()
+                            self.peer.instances += 1
+                        else:
+                            result = self._unsupported(command, context_id)
+                        self._answer(context_id, command, result)
+                        command = None
+            elif pdu_type == A_RELEASE_RQ_TYPE:
+                if command is not None or command_bytes:
+                    raise _Abort("A-RELEASE-RQ in the middle of a message", UNEXPECTED_PDU)
+                self._send(_pdu(A_RELEASE_RP_TYPE, bytes(4)))
+                log.info(
+                    "association released",
+                    extra={
+                        "calling_ae": self.peer.calling_ae,
+                        "instances": self.peer.instances,
+                        "seconds": round(time.monotonic() - self.peer.started, 3),
+                    },
+                )
+                return True
+            elif pdu_type == A_ABORT_TYPE:
+                log.info(
+                    "association aborted by the peer",
+                    extra={"calling_ae": self.peer.calling_ae, "instances": self.peer.instances},
+                )
+                return False
+            elif pdu_type in (A_ASSOCIATE_RQ_TYPE, A_ASSOCIATE_AC_TYPE, A_ASSOCIATE_RJ_TYPE):
+                raise _Abort(f"unexpected PDU type {pdu_type:#04x}", UNEXPECTED_PDU)
+            elif pdu_type == A_RELEASE_RP_TYPE:
+                raise _Abort("A-RELEASE-RP without a release request", UNEXPECTED_PDU)
+            else:
+                raise _Abort(f"unrecognised PDU type {pdu_type:#04x}", UNRECOGNISED_PDU)
+
+    def _open(self, command: Command, context_id: int) -> DataSink | None:
+        """A sink for a C-STORE on its own SOP class's context; None discards the data set."""
+        if command.command_field != C_STORE_RQ:
+            return None
+        if command.affected_sop_class_uid != self._abstract[context_id]:
+            return None
+        return self.policy.open_store(self.peer, command, self._contexts[context_id])
+
+    def _no_dataset(self, command: Command) -> StoreResult:
+        if command.command_field == C_ECHO_RQ:
+            return StoreResult(0x0000)
+        return StoreResult(STATUS_UNRECOGNISED_OPERATION, "operation not supported")
+
+    def _unsupported(self, command: Command, context_id: int) -> StoreResult:
+        if command.command_field != C_STORE_RQ:
+            return StoreResult(STATUS_UNRECOGNISED_OPERATION, "operation not supported")
+        log.warning(
+            "C-STORE on a context of another SOP class",
+            extra={"calling_ae": self.peer.calling_ae, "context_id": context_id},
+        )
+        return StoreResult(STATUS_SOP_CLASS_NOT_SUPPORTED, "SOP class differs from the context")
+
+    def _answer(self, context_id: int, request: Command, result: StoreResult) -> None:
+        response = encode_response(request, result.status, error_comment=result.error_comment)
+        room = self._peer_max_pdu - 6 if self._peer_max_pdu else len(response)
+        if room <= 0 or room >= len(response):
+            self._send(_p_data(context_id, 0x03, response))
+            return
+        for start in range(0, len(response), room):
+            last = start + room >= len(response)
+            self._send(_p_data(context_id, 0x03 if last else 0x01, response[start : start + room]))
+
+
+class AcceptorServer:
+    """Accepts TCP connections and runs each association in its own thread."""
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        *,
+        settings: AcceptorSettings,
+        policy: AcceptorPolicy,
+        contexts: list[PresentationContext],
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.settings = settings
+        self.policy = policy
+        self.contexts = contexts
+        self.tls = tls
+        self._socket = socket.create_server(address, backlog=64)
+        self._lock = threading.Lock()
+        self._active: dict[int, tuple[threading.Thread, socket.socket]] = {}
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._accept_loop, name="dicom-accept", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._socket.getsockname()[1])
+
+    def active_count(self) -> int:
+        with self._lock:
+            return len(self._active)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                sock, address = self._socket.accept()
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                time.sleep(0.05)  # e.g. out of file descriptors: do not spin
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = Peer(address=str(address[0]), port=int(address[1]))
+            association = Association(sock, peer, server=self)
+            thread = threading.Thread(
+                target=self._run, args=(association,), name=f"dicom-{address[0]}", daemon=True
+            )
+            with self._lock:
+                self._active[id(association)] = (thread, sock)
+            thread.start()
+
+    def _run(self, association: Association) -> None:
+        try:
+            association.run()
+        finally:
+            with self._lock:
+                self._active.pop(id(association), None)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop accepting, end the open associations, and wait for their threads."""
+        self._stopping.set()
+        with contextlib.suppress(OSError):
+            self._socket.shutdown(socket.SHUT_RDWR)
+        self._socket.close()
+        self._thread.join(timeout)
+        with self._lock:
+            active = list(self._active.values())
+        for _thread, sock in active:
+            # The association's own thread sees the connection end and cleans up.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + timeout
+        for thread, _sock in active:
+            thread.join(max(0.0, deadline - time.monotonic()))
