@@ -1,20 +1,24 @@
 """Read what the index needs from an encoded instance, without decoding its pixels.
 
 A received instance is checked for structure (every element fits in the bytes received) and for
-the identifying UIDs; anything else is left as it came.
+the identifying UIDs; anything else is left as it came. The elements are walked here directly
+(pydicom's reader builds an object per element, five times the cost); pydicom decodes the few
+values the index keeps, in the data set's character set.
 """
 
 from __future__ import annotations
 
+import struct
 import zlib
 from dataclasses import dataclass
-from io import BytesIO
 from typing import Any
 
-from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
-from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
+from pydicom.charset import convert_encodings
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.multival import MultiValue
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.valuerep import IS
+from pydicom.values import convert_PN, convert_string, convert_text
 
 from triage.dicom.uids import is_valid_uid
 from triage.errors import DicomInputError
@@ -46,106 +50,304 @@ class InstanceHeader:
     expected_instances: int | None = None
 
 
-def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return None
-    return str(value).strip()[:limit] or None
+# The elements the index reads, with the VR they are read as (the dictionary's: a file may
+# send them as UN, and implicit VR files carry no VR at all).
+def _tag(keyword: str) -> int:
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise KeyError(keyword)
+    return tag
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
-    value = ds.get(keyword)
-    try:
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
+_WANTED: dict[int, tuple[str, str]] = {
+    _tag(keyword): (keyword, dictionary_VR(keyword))
+    for keyword in (
+        "SpecificCharacterSet",
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "Modality",
+        "BodyPartExamined",
+        "StudyDescription",
+        "SeriesDescription",
+        "SeriesNumber",
+        "InstanceNumber",
+        "PatientName",
+        "PatientID",
+        "AccessionNumber",
+        "StudyDate",
+        "StudyTime",
+        "RequestedProcedurePriority",
+        "ScheduledProcedureStepPriority",
+        "NumberOfStudyRelatedInstances",
+        "RequestAttributesSequence",
+    )
+}
+_REQUEST_ATTRIBUTES = _tag("RequestAttributesSequence")
+_REQUESTED_PRIORITY = _tag("RequestedProcedurePriority")
+_NESTED_PRIORITY = 1 << 32 | _REQUESTED_PRIORITY
+"""Where the walk keeps the first Requested Procedure Priority found inside the sequence's items
+(a key no element tag can have)."""
+_TRANSFER_SYNTAX = 0x00020010
+
+ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
 
 
-def _order_priority(ds: Dataset) -> str | None:
-    """Requested Procedure Priority, else Scheduled Procedure Step Priority of the order."""
-    for keyword in ("RequestedProcedurePriority", "ScheduledProcedureStepPriority"):
-        if value := _text(ds, keyword, 16):
-            return value.upper()
-    for item in ds.get("RequestAttributesSequence", []):
-        if value := _text(item, "RequestedProcedurePriority", 16):
-            return value.upper()
-    return None
+class _Walker:
+    """Walks encoded elements checking that every one fits, keeping the values asked for.
 
-
-# Values larger than this are skipped, not read: pixel data, overlays, big private blobs.
-DEFER_BYTES = 4096
-
-
-def _read_checked(data: bytes) -> Dataset:
-    """Read the dataset's elements once, checking that each fits inside ``data``.
-
-    pydicom reads a short value without complaint, so a truncated send would otherwise pass.
-    Large values are left unread; the header attributes the index needs are all small.
+    Top-level elements with a defined length are skipped by their length (their contents,
+    pixel data included, are never read); sequences and encapsulated pixel data of undefined
+    length are walked item by item to find their end.
     """
-    fp = BytesIO(data)
-    read_preamble(fp, False)
-    meta = _read_file_meta_info(fp)
-    syntax = UID(meta.get("TransferSyntaxUID", ""))
-    if syntax == DeflatedExplicitVRLittleEndian:
-        body = zlib.decompress(data[fp.tell() :], -zlib.MAX_WBITS)
-        fp, end = BytesIO(body), len(body)
-    else:
-        end = len(data)
-    implicit = syntax.is_implicit_VR if syntax.is_transfer_syntax else False
-    little = syntax.is_little_endian if syntax.is_transfer_syntax else True
-    elements = {}
-    for element in data_element_generator(fp, implicit, little, defer_size=DEFER_BYTES):
-        if isinstance(element, RawDataElement):
-            if element.length != UNDEFINED_LENGTH and element.value_tell + element.length > end:
-                raise DicomInputError(
-                    f"element {element.tag} declares {element.length} bytes past the end"
+
+    def __init__(self, data: bytes, *, little: bool, keep: frozenset[int] | dict[int, Any]) -> None:
+        self.data = data
+        self.keep = keep
+        order = "<" if little else ">"
+        self._tag = struct.Struct(order + "HH")
+        self._u16 = struct.Struct(order + "H")
+        self._u32 = struct.Struct(order + "L")
+
+    def _truncated(self, what: str) -> DicomInputError:
+        return DicomInputError(f"data ends inside {what}")
+
+    def elements(
+        self,
+        offset: int,
+        end: int,
+        *,
+        implicit: bool,
+        wanted: dict[int, bytes] | None,
+        in_item: bool = False,
+        only_group: int | None = None,
+    ) -> int:
+        """Walk a data set from ``offset``; the offset after it (after its Item Delimitation
+        Item when ``in_item``). ``only_group`` stops at the first element of another group."""
+        data = self.data
+        while offset < end:
+            if end - offset < 8:
+                raise self._truncated("an element header")
+            group, element = self._tag.unpack_from(data, offset)
+            tag = group << 16 | element
+            if only_group is not None and group != only_group:
+                return offset
+            if tag == ITEM_END and in_item:
+                return offset + 8
+            if group == 0xFFFE:
+                raise DicomInputError(f"unexpected item tag ({group:04X},{element:04X})")
+            vr = b""
+            if implicit:
+                length = self._u32.unpack_from(data, offset + 4)[0]
+                start = offset + 8
+            else:
+                vr = data[offset + 4 : offset + 6]
+                if not (vr.isalpha() and vr.isupper()):
+                    raise DicomInputError(f"element ({group:04X},{element:04X}) has no valid VR")
+                if vr in _LONG_VRS:
+                    if end - offset < 12:
+                        raise self._truncated("an element header")
+                    length = self._u32.unpack_from(data, offset + 8)[0]
+                    start = offset + 12
+                else:
+                    length = self._u16.unpack_from(data, offset + 6)[0]
+                    start = offset + 8
+            nested = wanted if tag == _REQUEST_ATTRIBUTES and wanted is not None else None
+            if length == UNDEFINED_LENGTH:
+                offset = self.items(
+                    start, end, implicit=implicit or vr == b"UN", wanted=nested, defined=False
                 )
-            if element.value is None and element.length > DEFER_BYTES:
-                continue  # deferred: not needed for the index
-        elements[element.tag] = element
-    ds = Dataset(elements)
-    ds.file_meta = meta
-    ds.set_original_encoding(implicit, little)
-    return ds
+                continue
+            if length > end - start:
+                raise DicomInputError(
+                    f"element ({group:04X},{element:04X}) declares {length} bytes past the end"
+                )
+            if wanted is not None and tag in self.keep and tag not in wanted:
+                wanted[tag] = data[start : start + length]
+            if nested is not None and length:
+                self.items(
+                    start,
+                    start + length,
+                    implicit=implicit or vr == b"UN",
+                    wanted=nested,
+                    defined=True,
+                )
+            offset = start + length
+        if in_item:
+            raise self._truncated("an item of undefined length")
+        return offset
+
+    def items(
+        self,
+        offset: int,
+        end: int,
+        *,
+        implicit: bool,
+        wanted: dict[int, bytes] | None,
+        defined: bool,
+    ) -> int:
+        """Walk a sequence's items (or encapsulated fragments); the offset after the sequence.
+
+        Items' data sets are searched for Requested Procedure Priority when ``wanted`` is given.
+        """
+        data = self.data
+        while not defined or offset < end:
+            if end - offset < 8:
+                raise self._truncated("a sequence")
+            group, element = self._tag.unpack_from(data, offset)
+            tag = group << 16 | element
+            length = self._u32.unpack_from(data, offset + 4)[0]
+            offset += 8
+            if tag == SEQUENCE_END and not defined:
+                return offset
+            if tag != ITEM:
+                raise DicomInputError(f"expected an item, found ({group:04X},{element:04X})")
+            inner: dict[int, bytes] | None = {} if wanted is not None else None
+            if length == UNDEFINED_LENGTH:
+                offset = self.elements(offset, end, implicit=implicit, wanted=inner, in_item=True)
+            else:
+                if length > end - offset:
+                    raise self._truncated("an item")
+                if inner is not None:
+                    self.elements(offset, offset + length, implicit=implicit, wanted=inner)
+                offset += length
+            if wanted is not None and inner and _REQUESTED_PRIORITY in inner:
+                wanted.setdefault(_NESTED_PRIORITY, inner[_REQUESTED_PRIORITY])
+        return offset
+
+
+def _scan(data: bytes) -> tuple[str, dict[int, bytes]]:
+    """The transfer syntax and the raw values of ``_WANTED``, after checking the structure."""
+    if len(data) < 132 or data[128:132] != b"DICM":
+        raise DicomInputError("no DICOM preamble")
+    meta: dict[int, bytes] = {}
+    offset = _Walker(data, little=True, keep=frozenset({_TRANSFER_SYNTAX})).elements(
+        132, len(data), implicit=False, wanted=meta, only_group=0x0002
+    )
+    if _TRANSFER_SYNTAX not in meta:  # the only meta element the index needs
+        raise DicomInputError("file meta information has no Transfer Syntax UID")
+    syntax = _uid(meta[_TRANSFER_SYNTAX])
+    body, start = data, offset
+    if syntax == DeflatedExplicitVRLittleEndian:
+        try:
+            body, start = zlib.decompress(data[offset:], -zlib.MAX_WBITS), 0
+        except zlib.error as exc:
+            raise DicomInputError("deflated data set does not inflate") from exc
+    known = UID(syntax)
+    implicit = known.is_implicit_VR if known.is_transfer_syntax else False
+    little = known.is_little_endian if known.is_transfer_syntax else True
+    vr = body[start + 4 : start + 6]
+    if not implicit and len(vr) == 2 and not (vr.isalpha() and vr.isupper()):
+        implicit = True  # written implicit despite the meta (pydicom reads these the same way)
+    found: dict[int, bytes] = {}
+    _Walker(body, little=little, keep=_WANTED).elements(
+        start, len(body), implicit=implicit, wanted=found
+    )
+    return syntax, found
+
+
+def _uid(raw: bytes) -> str:
+    return raw.rstrip(b"\x00 ").decode("ascii", errors="replace")
+
+
+class _Values:
+    """Raw values read as pydicom would, in the data set's character set."""
+
+    def __init__(self, raw: dict[int, bytes]) -> None:
+        self.raw = raw
+        charset = raw.get(_tag("SpecificCharacterSet"))
+        names = convert_string(charset, True) if charset else None
+        self.encodings = convert_encodings(
+            list(names) if isinstance(names, MultiValue) else names or None
+        )
+
+    def text(self, keyword: str, limit: int) -> str | None:
+        tag = _tag(keyword)
+        raw = self.raw.get(tag)
+        if not raw:
+            return None
+        vr = _WANTED[tag][1]
+        if vr == "PN":
+            value: Any = convert_PN(raw, self.encodings)
+        elif vr in ("SH", "LO", "UC", "ST", "LT", "UT"):
+            value = convert_text(raw, self.encodings)
+        else:
+            value = convert_string(raw, True)
+        return str(value).strip()[:limit] or None
+
+    def integer(self, keyword: str) -> int | None:
+        value = self.text(keyword, 64)
+        if value is None:
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            try:
+                return int(IS(value))
+            except (TypeError, ValueError):
+                return None
+
+    def uid(self, keyword: str) -> str | None:
+        raw = self.raw.get(_tag(keyword))
+        return _uid(raw) if raw is not None else None
+
+    def order_priority(self) -> str | None:
+        """Requested Procedure Priority, else Scheduled Procedure Step Priority, else the
+        Requested Procedure Priority in the Request Attributes Sequence."""
+        for keyword in ("RequestedProcedurePriority", "ScheduledProcedureStepPriority"):
+            if value := self.text(keyword, 16):
+                return value.upper()
+        nested = self.raw.get(_NESTED_PRIORITY)
+        if nested:
+            value = str(convert_string(nested, True)).strip()[:16]
+            return value.upper() or None
+        return None
 
 
 def parse_header(data: bytes) -> InstanceHeader:
     """The index attributes of a DICOM file held in ``data`` (preamble and file meta included).
 
-    Raises DicomInputError for anything that cannot be parsed or lacks a valid identifying UID.
+    Every element must fit in the bytes received (pydicom reads a short value without
+    complaint, so a truncated send would otherwise pass), and the identifying UIDs must be
+    valid. Raises DicomInputError otherwise.
     """
     try:
-        return _header_from(_read_checked(data))
+        syntax, raw = _scan(data)
+        values = _Values(raw)
     except DicomInputError:
         raise
-    except Exception as exc:  # pydicom raises many kinds on malformed input
+    except Exception as exc:  # struct, codecs and pydicom raise many kinds on malformed input
         raise DicomInputError(f"unparseable dataset: {type(exc).__name__}") from exc
-
-
-def _header_from(ds: Dataset) -> InstanceHeader:
-    uids: dict[str, Any] = {
-        "sop_class_uid": ds.get("SOPClassUID"),
-        "sop_instance_uid": ds.get("SOPInstanceUID"),
-        "study_uid": ds.get("StudyInstanceUID"),
-        "series_uid": ds.get("SeriesInstanceUID"),
-        "transfer_syntax_uid": ds.file_meta.get("TransferSyntaxUID"),
+    uids = {
+        "sop_class_uid": values.uid("SOPClassUID"),
+        "sop_instance_uid": values.uid("SOPInstanceUID"),
+        "study_uid": values.uid("StudyInstanceUID"),
+        "series_uid": values.uid("SeriesInstanceUID"),
+        "transfer_syntax_uid": syntax,
     }
     for name, value in uids.items():
-        if value is None or not is_valid_uid(str(value)):
+        if value is None or not is_valid_uid(value):
             raise DicomInputError(f"missing or invalid {name}")
-    return InstanceHeader(
-        **{name: str(value) for name, value in uids.items()},
-        modality=_text(ds, "Modality", 16),
-        body_part=_text(ds, "BodyPartExamined", 16),
-        study_description=_text(ds, "StudyDescription", 64),
-        series_description=_text(ds, "SeriesDescription", 64),
-        series_number=_int(ds, "SeriesNumber"),
-        instance_number=_int(ds, "InstanceNumber"),
-        patient_name=_text(ds, "PatientName", 324),
-        patient_id=_text(ds, "PatientID", 64),
-        accession_number=_text(ds, "AccessionNumber", 16),
-        study_date=_text(ds, "StudyDate", 8),
-        study_time=_text(ds, "StudyTime", 16),
-        order_priority=_order_priority(ds),
-        expected_instances=_int(ds, "NumberOfStudyRelatedInstances"),
-    )
+    try:
+        return InstanceHeader(
+            **{name: str(value) for name, value in uids.items()},
+            modality=values.text("Modality", 16),
+            body_part=values.text("BodyPartExamined", 16),
+            study_description=values.text("StudyDescription", 64),
+            series_description=values.text("SeriesDescription", 64),
+            series_number=values.integer("SeriesNumber"),
+            instance_number=values.integer("InstanceNumber"),
+            patient_name=values.text("PatientName", 324),
+            patient_id=values.text("PatientID", 64),
+            accession_number=values.text("AccessionNumber", 16),
+            study_date=values.text("StudyDate", 8),
+            study_time=values.text("StudyTime", 16),
+            order_priority=values.order_priority(),
+            expected_instances=values.integer("NumberOfStudyRelatedInstances"),
+        )
+    except Exception as exc:
+        raise DicomInputError(f"unreadable attribute: {type(exc).__name__}") from exc
