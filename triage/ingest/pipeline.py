@@ -69,7 +69,6 @@ class Ingestor:
             header = self._checked_header(data, requested)
             spooled = self.spool.write(data)
         else:
-            # The file's fsync runs while the header is parsed (neither holds the other up).
             try:
                 header = self._checked_header(data, requested)
             except BaseException:

@@ -157,6 +157,8 @@ class Spool:
         self.min_free_bytes = min_free_bytes
         for directory in (self.objects, self.tmp, self.quarantine_dir):
             directory.mkdir(parents=True, exist_ok=True)
+        for prefix in range(256):  # every objects/<xx>/ now, not on the first C-STORE to each
+            (self.objects / f"{prefix:02x}").mkdir(exist_ok=True)
         self._free_checked_at = 0.0
         self._has_room = True
 
