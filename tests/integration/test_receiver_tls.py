@@ -7,14 +7,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
 from tests.conftest import StackFactory
+from tests.helpers.instances import pydicom_file
 from tests.helpers.tls import make_cert
 from triage.config import Settings, TlsFiles
 from triage.receiver.scp import DicomListener
 
 VERIFICATION = "1.2.840.10008.1.1"
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 
 @pytest.fixture
@@ -63,6 +67,33 @@ def test_tls_echo_and_plain_tcp_refused(
     assert echo(listener.port, client_context(server_cert))
     assert not echo(listener.port, None)
     assert not echo(listener.port, client_context(server_cert, tls=ssl.TLSVersion.TLSv1_1))
+
+
+def test_c_store_over_tls_is_stored(
+    settings: Settings,
+    stack_factory: StackFactory,
+    certs: dict[str, tuple[Path, Path]],
+) -> None:
+    server_cert, server_key = certs["server"]
+    tls = TlsFiles(cert_file=server_cert, key_file=server_key)
+    # A small maximum PDU: the data set arrives in many PDUs, split across TLS records.
+    stack = stack_factory(settings.model_copy(update={"tls": tls, "max_pdu_bytes": 4096}))
+    listener = stack.listener()
+    path = pydicom_file("CT_small.dcm")
+    ae = AE(ae_title="TLS_SCU")
+    ae.add_requested_context(CT_IMAGE_STORAGE, ExplicitVRLittleEndian)
+    ae.maximum_pdu_size = 4096  # many small PDUs through TLS records
+    assoc = ae.associate(
+        "127.0.0.1",
+        listener.port,
+        ae_title="TRIAGE",
+        tls_args=(client_context(server_cert), "127.0.0.1"),
+    )
+    assert assoc.is_established
+    assert assoc.send_c_store(dcmread(path)).Status == 0
+    assoc.release()
+    [stored] = stack.spool.objects.glob("*/*.dcm")
+    assert dcmread(stored).SOPInstanceUID == dcmread(path).SOPInstanceUID
 
 
 def test_mutual_tls_requires_a_trusted_client_certificate(

@@ -105,6 +105,28 @@ def test_many_small_fragments_and_several_pdvs_per_pdu_make_one_instance(
     assert dcmread(stored).file_meta.MediaStorageSOPInstanceUID == sop_instance_uid
 
 
+@pytest.mark.parametrize(("max_pdu", "accepted"), [(0, True), (16384, False)])
+def test_pdu_size_limit_follows_the_announced_maximum(
+    settings: Settings, stack_factory: StackFactory, max_pdu: int, accepted: bool
+) -> None:
+    stack = stack_factory(settings.model_copy(update={"max_pdu_bytes": max_pdu}))
+    stack.listener()
+    ds = dcmread(pydicom_file("CT_small.dcm"))
+    ds.Rows = ds.Columns = 400
+    ds.PixelData = bytes(400 * 400 * 2)
+    body, sop_instance_uid = dataset_body(ds), str(ds.SOPInstanceUID)  # one PDU of ~320 kB
+    peer = _associated(stack)
+    command = c_store_rq(1, CT_IMAGE_STORAGE, sop_instance_uid)
+    peer.send(pdu(P_DATA_TF, pdv(1, 0x03, command) + pdv(1, 0x02, body)))
+    if accepted:  # no maximum announced: any size is taken
+        assert peer.response_status() == status.SUCCESS
+        _release(peer)
+        assert _count(stack, Instance) == 1
+    else:
+        assert peer.read().pdu_type == A_ABORT
+        assert _count(stack, Instance) == 0
+
+
 def test_association_aborted_mid_data_set_keeps_nothing(stack: IngestStack) -> None:
     body, sop_instance_uid = _ct_small()
     peer = _associated(stack)

@@ -58,6 +58,8 @@ MAX_ASSOCIATE_RQ_BYTES = 1 << 20
 """An A-ASSOCIATE-RQ larger than this is not a real one."""
 PDU_SLACK_BYTES = 1024
 """P-DATA-TF PDUs may exceed the maximum length we announced by this much before we abort."""
+UNLIMITED_PDU_BYTES = 64 << 20
+"""The largest P-DATA-TF PDU taken when we announced no maximum (max_pdu_bytes = 0)."""
 
 _PDU_HEADER = struct.Struct(">BxL")
 _PDV_HEADER = struct.Struct(">LBB")
@@ -196,7 +198,9 @@ class Association:
         self.server = server
         self.settings = server.settings
         self.policy = server.policy
-        self._buffer = bytearray(max(self.settings.max_pdu_bytes, 16384) + PDU_SLACK_BYTES)
+        announced = self.settings.max_pdu_bytes
+        self._pdata_limit = announced + PDU_SLACK_BYTES if announced else UNLIMITED_PDU_BYTES
+        self._buffer = bytearray(min(self._pdata_limit, 256 * 1024))
         self._header = bytearray(_PDU_HEADER.size)
         self._contexts: dict[int, str] = {}  # accepted context id -> transfer syntax
         self._abstract: dict[int, str] = {}  # accepted context id -> abstract syntax
@@ -224,7 +228,7 @@ class Association:
         self._read_into(memoryview(self._header))
         pdu_type, length = _PDU_HEADER.unpack(self._header)
         if pdu_type == P_DATA_TF_TYPE:
-            limit = len(self._buffer)
+            limit = self._pdata_limit
         elif pdu_type == A_ASSOCIATE_RQ_TYPE:
             limit = MAX_ASSOCIATE_RQ_BYTES
         else:
