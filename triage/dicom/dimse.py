@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from triage.dicom.uids import uid_text
 from triage.errors import DicomInputError
 
 C_STORE_RQ = 0x0001
@@ -44,10 +45,6 @@ class Command:
     affected_sop_instance_uid: str
 
 
-def _text(value: bytes) -> str:
-    return value.rstrip(b"\x00 ").decode("ascii", errors="replace")
-
-
 def _unsigned_short(elements: dict[int, bytes], element: int, name: str) -> int:
     value = elements.get(element)
     if value is None or len(value) != 2:
@@ -76,8 +73,8 @@ def parse_command(data: bytes | bytearray) -> Command:
         message_id=_unsigned_short(elements, _MESSAGE_ID, "Message ID"),
         has_dataset=_unsigned_short(elements, _COMMAND_DATA_SET_TYPE, "Command Data Set Type")
         != NO_DATASET,
-        affected_sop_class_uid=_text(elements.get(_AFFECTED_SOP_CLASS_UID, b"")),
-        affected_sop_instance_uid=_text(elements.get(_AFFECTED_SOP_INSTANCE_UID, b"")),
+        affected_sop_class_uid=uid_text(elements.get(_AFFECTED_SOP_CLASS_UID, b"")),
+        affected_sop_instance_uid=uid_text(elements.get(_AFFECTED_SOP_INSTANCE_UID, b"")),
     )
 
 

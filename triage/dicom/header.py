@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Container
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pydicom.valuerep import IS
 from pydicom.values import convert_PN, convert_string, convert_text
 
-from triage.dicom.uids import is_valid_uid
+from triage.dicom.uids import is_valid_uid, uid_text
 from triage.errors import DicomInputError
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -81,7 +82,6 @@ _WANTED: dict[int, tuple[str, str]] = {
         "RequestedProcedurePriority",
         "ScheduledProcedureStepPriority",
         "NumberOfStudyRelatedInstances",
-        "RequestAttributesSequence",
     )
 }
 _REQUEST_ATTRIBUTES = _tag("RequestAttributesSequence")
@@ -105,7 +105,7 @@ class _Walker:
     length are walked item by item to find their end.
     """
 
-    def __init__(self, data: bytes, *, little: bool, keep: frozenset[int] | dict[int, Any]) -> None:
+    def __init__(self, data: bytes, *, little: bool, keep: Container[int]) -> None:
         self.data = data
         self.keep = keep
         order = "<" if little else ">"
@@ -230,7 +230,7 @@ def _scan(data: bytes) -> tuple[str, dict[int, bytes]]:
     )
     if _TRANSFER_SYNTAX not in meta:  # the only meta element the index needs
         raise DicomInputError("file meta information has no Transfer Syntax UID")
-    syntax = _uid(meta[_TRANSFER_SYNTAX])
+    syntax = uid_text(meta[_TRANSFER_SYNTAX])
     body, start = data, offset
     if syntax == DeflatedExplicitVRLittleEndian:
         try:
@@ -248,10 +248,6 @@ def _scan(data: bytes) -> tuple[str, dict[int, bytes]]:
         start, len(body), implicit=implicit, wanted=found
     )
     return syntax, found
-
-
-def _uid(raw: bytes) -> str:
-    return raw.rstrip(b"\x00 ").decode("ascii", errors="replace")
 
 
 class _Values:
@@ -293,7 +289,7 @@ class _Values:
 
     def uid(self, keyword: str) -> str | None:
         raw = self.raw.get(_tag(keyword))
-        return _uid(raw) if raw is not None else None
+        return uid_text(raw) if raw is not None else None
 
     def order_priority(self) -> str | None:
         """Requested Procedure Priority, else Scheduled Procedure Step Priority, else the

@@ -66,6 +66,11 @@ def new_uid() -> str:
     return _from_uuid(uuid.uuid4())
 
 
+def uid_text(raw: bytes) -> str:
+    """A UI value as received: NUL or space padding dropped, non-ASCII bytes replaced."""
+    return raw.rstrip(b"\x00 ").decode("ascii", errors="replace")
+
+
 def is_valid_uid(value: str) -> bool:
     """Whether ``value`` is a well-formed DICOM UID (PS3.5 9.1), e.g. one received from the wire."""
     return len(value) <= MAX_UID_LENGTH and _UID_PATTERN.fullmatch(value) is not None

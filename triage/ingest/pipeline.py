@@ -64,17 +64,14 @@ class Ingestor:
         """
         started = time.perf_counter()
         if incoming is None:
-            if not self.spool.has_room():
-                raise OutOfResourcesError("spool is below its free-space reserve")
+            incoming = self.spool.open()  # refuses below the free-space reserve, before parsing
+            incoming.write(data)
+        try:
             header = self._checked_header(data, requested)
-            spooled = self.spool.write(data)
-        else:
-            try:
-                header = self._checked_header(data, requested)
-            except BaseException:
-                incoming.discard()
-                raise
-            spooled = incoming.commit()
+        except BaseException:
+            incoming.discard()
+            raise
+        spooled = incoming.commit()
         # Duplicates are found inside the index transaction; an identical re-send costs one
         # spool write that is removed again, which keeps new instances on the short path.
         try:

@@ -194,7 +194,6 @@ class DicomListener:
         self._server = AcceptorServer(
             (settings.dicom_host, settings.dicom_port),
             settings=AcceptorSettings(
-                ae_title=settings.ae_title,
                 max_pdu_bytes=settings.max_pdu_bytes,
                 network_timeout=settings.network_timeout_seconds,
                 dimse_timeout=settings.dimse_timeout_seconds,
@@ -235,29 +234,15 @@ class DicomListener:
         return None
 
     def rejected(self, peer: Peer, refusal: Rejection) -> None:
-        self.metrics.rejections.labels(reason="association-rejected").inc()
         log.warning(
             "association rejected: %s",
             refusal.why,
             extra={"calling_ae": peer.calling_ae, "address": peer.address},
         )
-        record_rejection(
-            self.session_factory,
-            reason="association-rejected",
-            actor=peer.calling_ae[:64],
-            address=peer.address,
-            why=refusal.why,
-        )
+        self._count_and_record(peer, "association-rejected", why=refusal.why)
 
     def aborted(self, peer: Peer, why: str) -> None:
-        self.metrics.rejections.labels(reason="association-aborted").inc()
-        record_rejection(
-            self.session_factory,
-            reason="association-aborted",
-            actor=peer.calling_ae[:64] or None,
-            address=peer.address,
-            why=why[:200],
-        )
+        self._count_and_record(peer, "association-aborted", why=why[:200])
 
     def open_store(self, peer: Peer, command: Command, transfer_syntax: str) -> SpoolSink:
         return SpoolSink(self, peer, command, transfer_syntax)
@@ -268,24 +253,27 @@ class DicomListener:
         if released and studies and self.on_association_end is not None:
             self.on_association_end(studies)
 
+    def _count_and_record(self, peer: Peer, reason: str, **detail: object) -> None:
+        """Every refusal: the rejections metric by reason, and an audit event for admins."""
+        self.metrics.rejections.labels(reason=reason).inc()
+        record_rejection(
+            self.session_factory,
+            reason=reason,
+            actor=peer.calling_ae[:64] or None,
+            address=peer.address,
+            **detail,
+        )
+
     # -- storing ------------------------------------------------------------------------------
 
     def refuse(self, peer: Peer, code: int, reason: str, message: str, **uids: str) -> StoreResult:
         """Count, log and record a refused C-STORE; the result to answer with."""
-        self.metrics.rejections.labels(reason=reason).inc()
         log.warning(
             "C-STORE refused: %s",
             message,
             extra={"calling_ae": peer.calling_ae, "status": f"0x{code:04X}", **uids},
         )
-        record_rejection(
-            self.session_factory,
-            reason=reason,
-            actor=peer.calling_ae,
-            status=code,
-            message=message,
-            **uids,
-        )
+        self._count_and_record(peer, reason, status=code, message=message, **uids)
         return StoreResult(code, message[:64])
 
     def store(

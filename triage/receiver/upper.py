@@ -32,6 +32,7 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
+from triage.dicom import status
 from triage.dicom.dimse import C_ECHO_RQ, C_STORE_RQ, Command, encode_response, parse_command
 from triage.errors import DicomInputError
 
@@ -63,9 +64,6 @@ UNLIMITED_PDU_BYTES = 64 << 20
 
 _PDU_HEADER = struct.Struct(">BxL")
 _PDV_HEADER = struct.Struct(">LBB")
-
-STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
-STATUS_UNRECOGNISED_OPERATION = 0x0211
 
 
 @dataclass(frozen=True)
@@ -175,7 +173,6 @@ def _p_data(context_id: int, control: int, data: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class AcceptorSettings:
-    ae_title: str
     max_pdu_bytes: int
     network_timeout: float
     dimse_timeout: float
@@ -470,17 +467,17 @@ class Association:
 
     def _no_dataset(self, command: Command) -> StoreResult:
         if command.command_field == C_ECHO_RQ:
-            return StoreResult(0x0000)
-        return StoreResult(STATUS_UNRECOGNISED_OPERATION, "operation not supported")
+            return StoreResult(status.SUCCESS)
+        return StoreResult(status.UNRECOGNISED_OPERATION, "operation not supported")
 
     def _unsupported(self, command: Command, context_id: int) -> StoreResult:
         if command.command_field != C_STORE_RQ:
-            return StoreResult(STATUS_UNRECOGNISED_OPERATION, "operation not supported")
+            return StoreResult(status.UNRECOGNISED_OPERATION, "operation not supported")
         log.warning(
             "C-STORE on a context of another SOP class",
             extra={"calling_ae": self.peer.calling_ae, "context_id": context_id},
         )
-        return StoreResult(STATUS_SOP_CLASS_NOT_SUPPORTED, "SOP class differs from the context")
+        return StoreResult(status.SOP_CLASS_NOT_SUPPORTED, "SOP class differs from the context")
 
     def _answer(self, context_id: int, request: Command, result: StoreResult) -> None:
         response = encode_response(request, result.status, error_comment=result.error_comment)
