@@ -58,7 +58,12 @@ def _count(stack: IngestStack, model: type, *where: object) -> int:
 
 
 def _files(stack: IngestStack) -> list[Path]:
-    return [path for path in stack.spool.root.rglob("*") if path.is_file()]
+    """Every file in the spool but the empty ones the listener keeps ready in tmp/."""
+    return [
+        path
+        for path in stack.spool.root.rglob("*")
+        if path.is_file() and not (path.parent == stack.spool.tmp and path.stat().st_size == 0)
+    ]
 
 
 def _ct_small() -> tuple[bytes, str]:

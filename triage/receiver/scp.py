@@ -71,6 +71,9 @@ COMMON_TRANSFER_SYNTAXES = [
 
 AssociationEnded = Callable[[set[str]], None]
 
+# Empty spool files kept ready, so an association does not wait for a file to be created.
+SPARE_FILES = 8
+
 
 def server_tls_context(tls: TlsFiles) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -204,6 +207,7 @@ class DicomListener:
             contexts=self._contexts,
             tls=tls,
         )
+        self.ingestor.spool.keep_spares(SPARE_FILES)
         self._server.start()
         log.info(
             "DICOM listener started",
@@ -220,6 +224,7 @@ class DicomListener:
         if self._server is not None:
             self._server.stop()
             self._server = None
+            self.ingestor.spool.close()
             log.info("DICOM listener stopped")
 
     # -- the AcceptorPolicy -----------------------------------------------------------------

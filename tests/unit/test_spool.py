@@ -1,0 +1,70 @@
+"""The durable spool on a real filesystem: files written piece by piece, and spare files."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from triage.receiver.spool import Spool
+
+
+def _parts(spool: Spool) -> set[str]:
+    return {path.name for path in spool.tmp.glob("*.part")}
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def test_a_file_written_in_uneven_pieces_is_whole_after_commit(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", min_free_bytes=0)
+    data = os.urandom(700_000)
+    pieces, offset, chance = [], 0, random.Random(7)
+    while offset < len(data):  # from 1 byte to 200 kB, across page and writeback boundaries
+        size = chance.choice([1, 7, 4095, 4097, 65_536, 200_000])
+        pieces.append(data[offset : offset + size])
+        offset += size
+
+    incoming = spool.open()
+    for piece in pieces:
+        incoming.write(memoryview(piece))
+    assert not spool.path_for(incoming.file_id).exists()  # nothing in objects/ before commit
+    spooled = incoming.commit()
+
+    assert spooled.path.read_bytes() == data
+    assert spooled.size_bytes == len(data)
+    assert spooled.sha256 == hashlib.sha256(data).hexdigest()
+    assert _parts(spool) == set()
+
+
+def test_spare_files_are_used_refilled_and_removed_on_close(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", min_free_bytes=0)
+    spool.keep_spares(3)
+    _wait_for(lambda: len(_parts(spool)) == 3)
+    ready = _parts(spool)
+
+    incoming = spool.open()
+    assert f"{incoming.file_id}.part" in ready  # a file made ahead, not a new one
+    incoming.write(b"DICM" * 100)
+    stored = incoming.commit()
+    assert stored.path.read_bytes() == b"DICM" * 100
+    _wait_for(lambda: len(_parts(spool)) == 3)  # made good again
+
+    discarded = spool.open()
+    discarded.write(b"partial")
+    discarded.discard()
+    assert f"{discarded.file_id}.part" not in _parts(spool)
+
+    spool.close()
+    assert _parts(spool) == set()  # spares not taken are deleted
+    after = spool.open()  # and without spares a file is created on the spot
+    after.write(b"x")
+    assert after.commit().path.read_bytes() == b"x"
+    assert _parts(spool) == set()
