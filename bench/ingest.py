@@ -57,8 +57,9 @@ NODELAY = {"TCP_NODELAY": "1"}  # DCMTK reads it from the environment
 RECEIVERS = ("storescp", "triage")
 NOTE = (
     "triage writes each instance to a temporary file, fsyncs it, renames it, fsyncs the "
-    "directory and commits its index rows (SQLite WAL, synchronous=FULL) before it answers "
-    "Success; storescp writes the file without fsync and indexes nothing."
+    "directory and commits its index rows (SQLite WAL, synchronous=NORMAL: rebuilt from the "
+    "files after a power cut) before it answers Success; storescp writes the file without "
+    "fsync and indexes nothing."
 )
 
 

@@ -170,7 +170,11 @@ class IngestStack:
         spool = Spool.for_settings(settings)
         registry = CollectorRegistry()
         metrics = IngestMetrics(registry)
-        ingestor = Ingestor(spool=spool, session_factory=factory, metrics=metrics)
+        ingestor = Ingestor(
+            spool=spool,
+            engine=create_db_engine(settings.database_url, rebuildable=True),
+            metrics=metrics,
+        )
         return cls(settings, engine, factory, spool, registry, metrics, ingestor)
 
     def ingest(self, *paths: Path, calling_ae: str | None = "TEST") -> None:
@@ -207,4 +211,5 @@ def stack_factory() -> Iterator[StackFactory]:
     for listener in [listener for stack in stacks for listener in stack.listeners]:
         listener.stop()
     for stack in stacks:
+        stack.ingestor.engine.dispose()
         stack.engine.dispose()

@@ -59,7 +59,9 @@ class TriageService:
             settings, self.session_factory, send_job=self.sender.analyze_study
         )
         self.ingestor = Ingestor(
-            spool=self.spool, session_factory=self.session_factory, metrics=self.metrics
+            spool=self.spool,
+            engine=create_db_engine(settings.database_url, rebuildable=True),
+            metrics=self.metrics,
         )
         self.listener = DicomListener(
             settings,
@@ -147,5 +149,6 @@ class TriageService:
             if self.local_workers is not None:
                 self.local_workers.stop()
             self.sender.close()
+            self.ingestor.engine.dispose()
             self.engine.dispose()
             log.info("triage stopped")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import subprocess
+from io import BytesIO
 from pathlib import Path
 
+from pydicom import dcmread
 from pydicom.fileset import FileSet
 from sqlalchemy import func, select
 
@@ -57,9 +59,13 @@ def test_reconcile_adopts_quarantines_and_flags(
     stored = [ingestor.ingest(p.read_bytes(), calling_ae="X", source="test") for p in sent.paths]
     assert len(stored) == 3
 
-    # A crash between fsync+rename and the index commit leaves a whole file without a row:
-    orphan = ct_study(tmp_path / "orphan", 1).paths[0]
-    orphan_copy = spool.write(orphan.read_bytes())
+    # A crash between fsync+rename and the index commit, or a power cut that takes the commit,
+    # leaves a whole file without a row; its file meta names the caller, as the listener's do:
+    orphan = dcmread(ct_study(tmp_path / "orphan", 1).paths[0])
+    orphan.file_meta.SourceApplicationEntityTitle = "MODALITY7"
+    encoded = BytesIO()
+    orphan.save_as(encoded, enforce_file_format=True)
+    orphan_copy = spool.write(encoded.getvalue())
     # ...a crash mid-write leaves a partial file in tmp/:
     (spool.tmp / "deadbeef.part").write_bytes(b"partial")
     # ...and a damaged disk may leave an unreadable file, or lose one:
@@ -79,6 +85,7 @@ def test_reconcile_adopts_quarantines_and_flags(
             select(Instance).where(Instance.file_id == orphan_copy.file_id)
         ).one()
         assert adopted.state == InstanceState.STORED
+        assert adopted.calling_ae == "MODALITY7"
         missing = session.scalars(select(Instance).where(Instance.file_id == lost)).one()
         assert missing.state == InstanceState.MISSING
         kinds = session.scalars(select(AuditEvent.kind)).all()

@@ -78,6 +78,7 @@ def reference(data: bytes) -> InstanceHeader | None:
         study_time=_text(ds, "StudyTime", 16),
         order_priority=_priority(ds),
         expected_instances=_int(ds, "NumberOfStudyRelatedInstances"),
+        source_ae=_text(ds.file_meta, "SourceApplicationEntityTitle", 16),
     )
 
 

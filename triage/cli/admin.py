@@ -133,12 +133,12 @@ def import_files(
     files = list(import_sources(path))
     if not files:
         fail(f"no files found under {path}")
-    engine = create_db_engine(settings.database_url)
+    engine = create_db_engine(settings.database_url, rebuildable=True)
     if not migrate.is_up_to_date(engine):
         fail("the database schema is not current: run `triage-admin db upgrade`")
     ingestor = Ingestor(
         spool=Spool.for_settings(settings),
-        session_factory=make_session_factory(engine),
+        engine=engine,
         metrics=IngestMetrics(CollectorRegistry()),
     )
     outcomes: Counter[str] = Counter()

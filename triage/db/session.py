@@ -14,23 +14,34 @@ from sqlalchemy.orm import Session, sessionmaker
 SessionFactory = sessionmaker[Session]
 
 
-def create_db_engine(url: str, **kwargs: Any) -> Engine:
+def create_db_engine(url: str, *, rebuildable: bool = False, **kwargs: Any) -> Engine:
     """An engine for ``url``. SQLite gets WAL, full fsync on commit and enforced foreign keys,
-    so a committed row survives a power cut as the spool file beside it does."""
+    so a committed row survives a power cut as the spool file beside it does.
+
+    ``rebuildable``: every row committed through this engine can be rebuilt from a spool file
+    (start-up reconciliation indexes files that have no row), so on SQLite its commits are not
+    flushed one by one (synchronous=NORMAL, still atomic and safe from a crash of the process).
+    A power cut may take the last of them, never a file; the next start indexes those files
+    again. Any later full commit (a job, an audit event) flushes them too. The ingest path
+    uses it. PostgreSQL commits are flushed either way.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
-        event.listen(engine, "connect", _sqlite_pragmas)
+        synchronous = "NORMAL" if rebuildable else "FULL"
+        event.listen(
+            engine, "connect", lambda connection, _record: _sqlite_pragmas(connection, synchronous)
+        )
         return engine
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_connection: Any, synchronous: str) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute(f"PRAGMA synchronous={synchronous}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()

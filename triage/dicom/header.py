@@ -49,6 +49,8 @@ class InstanceHeader:
     study_time: str | None = None
     order_priority: str | None = None
     expected_instances: int | None = None
+    source_ae: str | None = None
+    """Source AE Title of the file meta: who sent it (triage writes the calling AE there)."""
 
 
 # The elements the index reads, with the VR they are read as (the dictionary's: a file may
@@ -90,6 +92,7 @@ _NESTED_PRIORITY = 1 << 32 | _REQUESTED_PRIORITY
 """Where the walk keeps the first Requested Procedure Priority found inside the sequence's items
 (a key no element tag can have)."""
 _TRANSFER_SYNTAX = 0x00020010
+_SOURCE_AE = 0x00020016
 
 ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _LONG_VRS = frozenset(
@@ -221,11 +224,12 @@ class _Walker:
 
 
 def _scan(data: bytes) -> tuple[str, dict[int, bytes]]:
-    """The transfer syntax and the raw values of ``_WANTED``, after checking the structure."""
+    """The transfer syntax and the raw values of ``_WANTED`` and of the Source AE Title, after
+    checking the structure."""
     if len(data) < 132 or data[128:132] != b"DICM":
         raise DicomInputError("no DICOM preamble")
     meta: dict[int, bytes] = {}
-    offset = _Walker(data, little=True, keep=frozenset({_TRANSFER_SYNTAX})).elements(
+    offset = _Walker(data, little=True, keep=frozenset({_TRANSFER_SYNTAX, _SOURCE_AE})).elements(
         132, len(data), implicit=False, wanted=meta, only_group=0x0002
     )
     if _TRANSFER_SYNTAX not in meta:  # the only meta element the index needs
@@ -243,7 +247,7 @@ def _scan(data: bytes) -> tuple[str, dict[int, bytes]]:
     vr = body[start + 4 : start + 6]
     if not implicit and len(vr) == 2 and not (vr.isalpha() and vr.isupper()):
         implicit = True  # written implicit despite the meta (pydicom reads these the same way)
-    found: dict[int, bytes] = {}
+    found = {_SOURCE_AE: meta[_SOURCE_AE]} if _SOURCE_AE in meta else {}
     _Walker(body, little=little, keep=_WANTED).elements(
         start, len(body), implicit=implicit, wanted=found
     )
@@ -290,6 +294,10 @@ class _Values:
     def uid(self, keyword: str) -> str | None:
         raw = self.raw.get(_tag(keyword))
         return uid_text(raw) if raw is not None else None
+
+    def source_ae(self) -> str | None:
+        raw = self.raw.get(_SOURCE_AE)
+        return raw.decode("ascii", "replace").strip(" \0")[:16] or None if raw else None
 
     def order_priority(self) -> str | None:
         """Requested Procedure Priority, else Scheduled Procedure Step Priority, else the
@@ -344,6 +352,7 @@ def parse_header(data: bytes) -> InstanceHeader:
             study_time=values.text("StudyTime", 16),
             order_priority=values.order_priority(),
             expected_instances=values.integer("NumberOfStudyRelatedInstances"),
+            source_ae=values.source_ae(),
         )
     except Exception as exc:
         raise DicomInputError(f"unreadable attribute: {type(exc).__name__}") from exc

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from sqlalchemy import Connection, insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -16,13 +17,16 @@ log = logging.getLogger(__name__)
 
 def add_event(
     *,
-    db_session: Session,
+    db_session: Session | Connection,
     kind: str,
     study_uid: str | None = None,
     actor: str | None = None,
     **detail: Any,
 ) -> None:
-    db_session.add(AuditEvent(kind=kind, study_uid=study_uid, actor=actor, detail=detail))
+    """Add an event in the caller's transaction (a session's or a bare connection's)."""
+    db_session.execute(
+        insert(AuditEvent).values(kind=kind, study_uid=study_uid, actor=actor, detail=detail)
+    )
 
 
 def record_rejection(

@@ -9,7 +9,6 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
 
 from triage.db.models import Instance, Series, Study, StudyStatus
 from triage.dicom.header import InstanceHeader
@@ -30,8 +29,8 @@ class IndexResult:
     reopened: bool = False
 
 
-# Prebuilt statements: the index runs once per received instance, so it skips the ORM's unit
-# of work and speaks Core on the session's connection (same transaction, ~3x less CPU).
+# Prebuilt statements: the index runs once per received instance, so it skips the ORM (its
+# session and unit of work) and speaks Core on a connection (~4x less CPU).
 _VERSIONS = select(Instance.version, Instance.sha256).where(
     Instance.sop_instance_uid == bindparam("sop_instance_uid")
 )
@@ -115,7 +114,7 @@ def _series_id(connection: Connection, header: InstanceHeader, study_id: int) ->
 
 def index_instance(
     *,
-    db_session: Session,
+    connection: Connection,
     header: InstanceHeader,
     spooled: SpooledFile,
     calling_ae: str | None,
@@ -125,7 +124,6 @@ def index_instance(
 
     A concurrent insert of the same version raises IntegrityError: the caller retries.
     """
-    connection = db_session.connection()
     versions = connection.execute(_VERSIONS, {"sop_instance_uid": header.sop_instance_uid}).all()
     if any(digest == spooled.sha256 for _version, digest in versions):
         return IndexResult(StoreOutcome.DUPLICATE, header.study_uid)
@@ -151,7 +149,7 @@ def index_instance(
     if version > 1:
         outcome = StoreOutcome.NEW_VERSION
         add_event(
-            db_session=db_session,
+            db_session=connection,
             kind="new_version",
             study_uid=header.study_uid,
             actor=calling_ae,
@@ -161,7 +159,7 @@ def index_instance(
     reopened = previous_status != StudyStatus.RECEIVING
     if reopened:
         add_event(
-            db_session=db_session,
+            db_session=connection,
             kind="study_reopened",
             study_uid=header.study_uid,
             actor=calling_ae,

@@ -9,10 +9,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from triage.db.base import utcnow
-from triage.db.session import SessionFactory, session_scope
 from triage.dicom.header import InstanceHeader, parse_header
 from triage.errors import DatasetMismatchError, OutOfResourcesError
 from triage.ingest.index import IndexResult, StoreOutcome, index_instance
@@ -31,18 +31,22 @@ class Ingested:
 
 
 class Ingestor:
-    """Turns encoded instances into spool files and committed index rows."""
+    """Turns encoded instances into spool files and committed index rows.
+
+    ``engine`` is made with ``create_db_engine(url, rebuildable=True)``: every row it commits
+    has its spool file, made durable first.
+    """
 
     def __init__(
         self,
         *,
         spool: Spool,
-        session_factory: SessionFactory,
+        engine: Engine,
         metrics: IngestMetrics,
         on_stored: Callable[[Ingested, str | None], None] | None = None,
     ) -> None:
         self.spool = spool
-        self.session_factory = session_factory
+        self.engine = engine
         self.metrics = metrics
         self.on_stored = on_stored
 
@@ -100,15 +104,15 @@ class Ingestor:
         return header
 
     def adopt(self, path: Path) -> Ingested:
-        """Index a spool file that has no row (its writer crashed before the commit).
-
-        It was never acknowledged, but it is whole (renamed after fsync), so keep it.
+        """Index a spool file that has no row: its writer crashed before the commit, or a
+        power cut took the commit (see ``create_db_engine``). It is whole (renamed after
+        fsync), so keep it; the caller is the Source AE Title its file meta names.
         Raises DicomInputError if it cannot be parsed: the caller quarantines it.
         """
         data = path.read_bytes()
         header = parse_header(data)
         spooled = SpooledFile(path.stem, path, len(data), content_hash(data))
-        result = self._index(header, spooled=spooled, calling_ae=None)
+        result = self._index(header, spooled=spooled, calling_ae=header.source_ae)
         if result.outcome is StoreOutcome.DUPLICATE:
             self.spool.remove(spooled.file_id)
         return Ingested(header, result)
@@ -118,9 +122,9 @@ class Ingestor:
     ) -> IndexResult:
         for attempt in range(1, INDEX_ATTEMPTS + 1):
             try:
-                with session_scope(self.session_factory) as session:
+                with self.engine.begin() as connection:
                     return index_instance(
-                        db_session=session,
+                        connection=connection,
                         header=header,
                         spooled=spooled,
                         calling_ae=calling_ae,
