@@ -16,7 +16,7 @@ from tests.helpers.instances import ct_study
 from tests.helpers.process import run_admin
 from triage.config import Settings
 from triage.db.models import AuditEvent, Instance, InstanceState
-from triage.db.session import session_scope
+from triage.db.session import create_db_engine, session_scope
 from triage.ingest.reconcile import Reconciliation, reconcile_spool
 
 
@@ -99,3 +99,14 @@ def test_import_refuses_an_empty_folder(settings: Settings, tmp_path: Path) -> N
     result = admin(settings, "import", str(tmp_path / "empty"))
     assert result.returncode == 1
     assert "no files found" in result.stderr
+
+
+def test_only_the_ingest_engine_commits_without_a_flush(tmp_path: Path) -> None:
+    """Rows from the ingest path can be rebuilt from the spool; nothing else can."""
+    url = f"sqlite:///{tmp_path / 'triage.db'}"
+    for rebuildable, synchronous in ((False, 2), (True, 1)):  # FULL, NORMAL
+        engine = create_db_engine(url, rebuildable=rebuildable)
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == synchronous
+            assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        engine.dispose()
