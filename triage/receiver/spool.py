@@ -291,7 +291,8 @@ class Spool:
         """
         if not self.has_room():
             raise OutOfResourcesError("spool is below its free-space reserve")
-        spare = self._spares.take() if self._spares is not None else None
+        spares = self._spares  # once: close() may clear it meanwhile
+        spare = spares.take() if spares is not None else None
         if spare is not None:
             return IncomingFile(self, *spare)
         return IncomingFile(self, uuid.uuid4().hex)
