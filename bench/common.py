@@ -3,7 +3,9 @@ a one-line description of the machine the figures were taken on."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import os
 import platform
 import signal
@@ -11,11 +13,28 @@ import socket
 import statistics
 import subprocess
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 LOOPBACK = "127.0.0.1"
+
+
+def argument_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
+    """The parser of ``python -m <module>``, described by the first line of its docstring."""
+    return argparse.ArgumentParser(
+        prog=f"python -m {module}", description=(doc or "").split("\n")[0]
+    )
+
+
+def emit(data: dict[str, Any], *, as_json: bool, text: Callable[[dict[str, Any]], None]) -> int:
+    """Print a benchmark's report as JSON or as text; the exit status (0)."""
+    if as_json:
+        print(json.dumps(data, indent=2))
+    else:
+        text(data)
+    return 0
 
 
 def free_port() -> int:

@@ -20,7 +20,6 @@ stage; it never asserts a speed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -34,7 +33,7 @@ import torch
 from pydicom import dcmread
 
 import triage.catalog
-from bench.common import machine, median, today, without_env
+from bench.common import argument_parser, emit, machine, median, today, without_env
 from triage.config import Settings
 from triage.errors import PermanentError
 from workers.models.interface import LoadedModel
@@ -231,9 +230,7 @@ def print_text(data: dict[str, Any]) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.inference", description=__doc__.split("\n")[0]
-    )
+    parser = argument_parser("bench.inference", __doc__)
     parser.add_argument("--runs", type=int, default=5, help="timed runs after one warm-up (5)")
     parser.add_argument(
         "--models-dir",
@@ -285,11 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         load_before=load_before,
         model_path=model_path,
     )
-    if args.json:
-        print(json.dumps(data, indent=2))
-    else:
-        print_text(data)
-    return 0
+    return emit(data, as_json=args.json, text=print_text)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,10 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from bench.common import (
     LOOPBACK,
     ProcessError,
+    argument_parser,
     clean_env,
     cpu_seconds,
+    emit,
     filesystem,
     free_port,
     machine,
@@ -393,9 +395,7 @@ def print_text(data: dict[str, Any]) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.ingest", description=__doc__.split("\n")[0]
-    )
+    parser = argument_parser("bench.ingest", __doc__)
     parser.add_argument("--slices", type=int, default=300, help="images in the series (300)")
     parser.add_argument(
         "--runs", type=int, default=3, help="runs per case; the median is shown (3)"
@@ -433,11 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    if args.json:
-        print(json.dumps(data, indent=2))
-    else:
-        print_text(data)
-    return 0
+    return emit(data, as_json=args.json, text=print_text)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from bench.common import (
     LOOPBACK,
     ProcessError,
+    argument_parser,
     clean_env,
+    emit,
     free_port,
     machine,
     percentile,
@@ -784,9 +786,7 @@ def print_text(data: dict[str, Any]) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.worklist", description=__doc__.split("\n")[0]
-    )
+    parser = argument_parser("bench.worklist", __doc__)
     parser.add_argument("--studies", type=int, default=100_000, help="studies loaded (100000)")
     parser.add_argument(
         "--requests",
@@ -844,11 +844,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = report(
         loaded, results, requests=args.requests, server_version=version, load_before=load_before
     )
-    if args.json:
-        print(json.dumps(data, indent=2))
-    else:
-        print_text(data)
-    return 0
+    return emit(data, as_json=args.json, text=print_text)
 
 
 if __name__ == "__main__":
