@@ -96,11 +96,17 @@ def webhook_receiver(port: int, *, status: int = 200) -> Iterator[WebhookLog]:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    with _serving(ThreadingHTTPServer(("127.0.0.1", port), Handler)):
+        yield seen
+
+
+@contextmanager
+def _serving(server: socketserver.BaseServer) -> Iterator[None]:
+    """``server`` answering from a thread until the block ends."""
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:
-        yield seen
+        yield
     finally:
         server.shutdown()
         server.server_close()
@@ -147,15 +153,8 @@ def mllp_receiver(port: int, *, ack_code: str | None = "AA") -> Iterator[MllpLog
             except (TimeoutError, ConnectionError):
                 return
 
-    server = _MllpServer(("127.0.0.1", port), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
+    with _serving(_MllpServer(("127.0.0.1", port), Handler)):
         yield seen
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(TIMEOUT)
 
 
 # -- the study and the notifier ---------------------------------------------------------------
