@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -10,7 +11,8 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from triage.db.models import Instance, Series, Study, StudyStatus
+from triage.db.models import Instance, InstanceState, Series, Study, StudyStatus
+from triage.db.prepared import Prepared
 from triage.dicom.header import InstanceHeader
 from triage.ingest.audit import add_event
 from triage.receiver.spool import SpooledFile
@@ -29,10 +31,13 @@ class IndexResult:
     reopened: bool = False
 
 
-# Prebuilt statements: the index runs once per received instance, so it skips the ORM (its
-# session and unit of work) and speaks Core on a connection (~4x less CPU).
-_VERSIONS = select(Instance.version, Instance.sha256).where(
-    Instance.sop_instance_uid == bindparam("sop_instance_uid")
+# The index runs once per received instance, before Success: its statements are compiled once
+# and run on the DBAPI cursor (see triage.db.prepared), in the caller's transaction. The rare
+# inserts of a new study or series stay in Core.
+_VERSIONS = Prepared(
+    select(Instance.version, Instance.sha256).where(
+        Instance.sop_instance_uid == bindparam("sop_instance_uid")
+    )
 )
 _FILLED_IN = (
     "patient_name",
@@ -44,12 +49,41 @@ _FILLED_IN = (
     "order_priority",
     "expected_instances",
 )
-_STUDY = select(
-    Study.id, Study.status, Study.modalities, *(getattr(Study, name) for name in _FILLED_IN)
-).where(Study.study_uid == bindparam("study_uid"))
-_SERIES_ID = select(Series.id).where(Series.series_uid == bindparam("series_uid"))
-_UPDATE_STUDY = update(Study).where(Study.id == bindparam("study_pk"))  # SET from the parameters
-_INSERT_INSTANCE = insert(Instance)
+_STUDY_COLUMNS = ("id", "status", "modalities", *_FILLED_IN)
+_STUDY = Prepared(
+    select(*(getattr(Study, name) for name in _STUDY_COLUMNS)).where(
+        Study.study_uid == bindparam("study_uid")
+    )
+)
+_SERIES_ID = Prepared(select(Series.id).where(Series.series_uid == bindparam("series_uid")))
+_INSTANCE_COLUMNS = (
+    "series_id",
+    "sop_instance_uid",
+    "version",
+    "sop_class_uid",
+    "transfer_syntax_uid",
+    "file_id",
+    "size_bytes",
+    "sha256",
+    "instance_number",
+    "state",
+    "calling_ae",
+    "received_at",
+)
+_INSERT_INSTANCE = Prepared(insert(Instance), column_keys=_INSTANCE_COLUMNS)
+
+
+@functools.cache
+def _update_study(columns: frozenset[str]) -> Prepared:
+    """UPDATE studies SET <columns> (and updated_at) WHERE id = :study_pk."""
+    return Prepared(
+        update(Study).where(Study.id == bindparam("study_pk")), column_keys=sorted(columns)
+    )
+
+
+def _study_row(connection: Connection, study_uid: str) -> dict[str, Any] | None:
+    rows = _STUDY.rows(connection, {"study_uid": study_uid})
+    return dict(zip(_STUDY_COLUMNS, rows[0], strict=True)) if rows else None
 
 
 def _insert_ignoring_conflict(connection: Connection, model: Any, values: dict[str, Any]) -> None:
@@ -62,8 +96,7 @@ def _study(
     connection: Connection, header: InstanceHeader, calling_ae: str | None, now: datetime
 ) -> tuple[int, StudyStatus]:
     """The study's id and status before this instance; fills in what it did not know yet."""
-    parameters = {"study_uid": header.study_uid}
-    study = connection.execute(_STUDY, parameters).one_or_none()
+    study = _study_row(connection, header.study_uid)
     if study is None:
         _insert_ignoring_conflict(
             connection,
@@ -75,27 +108,32 @@ def _study(
                 "calling_ae": calling_ae,
             },
         )
-        study = connection.execute(_STUDY, parameters).one()
+        study = _study_row(connection, header.study_uid)
+        if study is None:
+            raise LookupError("study row vanished right after its insert")
+    status = StudyStatus(study["status"])
     changes: dict[str, Any] = {"last_received_at": now}
     for name in _FILLED_IN:
         value = getattr(header, name)
-        if value is not None and getattr(study, name) is None:
+        if value is not None and study[name] is None:
             changes[name] = value
     if header.modality:
-        modalities = set(filter(None, (study.modalities or "").split("\\")))
+        modalities = set(filter(None, (study["modalities"] or "").split("\\")))
         if header.modality not in modalities:
             changes["modalities"] = "\\".join(sorted(modalities | {header.modality}))[:64]
-    if study.status != StudyStatus.RECEIVING:
+    if status != StudyStatus.RECEIVING:
         changes["status"] = StudyStatus.RECEIVING
         changes["status_reason"] = "late instance after completion"
-    connection.execute(_UPDATE_STUDY, {"study_pk": study.id, **changes})
-    return study.id, StudyStatus(study.status)
+    _update_study(frozenset(changes)).run(
+        connection, {"study_pk": study["id"], "updated_at": now, **changes}
+    )
+    return int(study["id"]), status
 
 
 def _series_id(connection: Connection, header: InstanceHeader, study_id: int) -> int:
     parameters = {"series_uid": header.series_uid}
-    series_id = connection.execute(_SERIES_ID, parameters).scalar()
-    if series_id is None:
+    found = _SERIES_ID.rows(connection, parameters)
+    if not found:
         _insert_ignoring_conflict(
             connection,
             Series,
@@ -108,8 +146,8 @@ def _series_id(connection: Connection, header: InstanceHeader, study_id: int) ->
                 "series_number": header.series_number,
             },
         )
-        series_id = connection.execute(_SERIES_ID, parameters).scalar_one()
-    return int(series_id)
+        found = _SERIES_ID.rows(connection, parameters)
+    return int(found[0][0])
 
 
 def index_instance(
@@ -124,13 +162,13 @@ def index_instance(
 
     A concurrent insert of the same version raises IntegrityError: the caller retries.
     """
-    versions = connection.execute(_VERSIONS, {"sop_instance_uid": header.sop_instance_uid}).all()
+    versions = _VERSIONS.rows(connection, {"sop_instance_uid": header.sop_instance_uid})
     if any(digest == spooled.sha256 for _version, digest in versions):
         return IndexResult(StoreOutcome.DUPLICATE, header.study_uid)
     version = max((held for held, _digest in versions), default=0) + 1
     study_id, previous_status = _study(connection, header, calling_ae, now)
-    connection.execute(
-        _INSERT_INSTANCE,
+    _INSERT_INSTANCE.run(
+        connection,
         {
             "series_id": _series_id(connection, header, study_id),
             "sop_instance_uid": header.sop_instance_uid,
@@ -141,6 +179,7 @@ def index_instance(
             "size_bytes": spooled.size_bytes,
             "sha256": spooled.sha256,
             "instance_number": header.instance_number,
+            "state": InstanceState.STORED,
             "calling_ae": calling_ae,
             "received_at": now,
         },

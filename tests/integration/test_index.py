@@ -1,0 +1,78 @@
+"""The index rows of received instances, on SQLite and on PostgreSQL: the ingest path runs its
+statements on the DBAPI cursor (triage.db.prepared), so each backend's driver is exercised."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydicom import dcmread
+from sqlalchemy import select, update
+
+from tests.conftest import StackFactory
+from tests.helpers.instances import ct_study
+from triage.config import Settings
+from triage.db.base import utcnow
+from triage.db.models import AuditEvent, Instance, InstanceState, Series, Study, StudyStatus
+from triage.db.session import session_scope
+from triage.ingest.index import StoreOutcome
+
+
+def test_rows_duplicates_versions_and_reopening(
+    settings: Settings, database_url: str, tmp_path: Path, stack_factory: StackFactory
+) -> None:
+    stack = stack_factory(settings.model_copy(update={"database_url": database_url}))
+    sent = ct_study(tmp_path / "in", 2)
+    before = utcnow()
+    first = [
+        stack.ingestor.ingest(p.read_bytes(), calling_ae="CT01", source="test") for p in sent.paths
+    ]
+    assert [i.result.outcome for i in first] == [StoreOutcome.STORED] * 2
+
+    with session_scope(stack.session_factory) as session:
+        study = session.scalars(select(Study)).one()
+        assert study.study_uid == sent.study_uid
+        assert study.status == StudyStatus.RECEIVING
+        assert study.modalities == "CT"
+        assert study.patient_name is not None  # filled in from the header
+        assert before <= study.last_received_at <= utcnow()
+        assert study.updated_at >= before
+        series = session.scalars(select(Series)).one()
+        assert (series.series_uid, series.body_part) == (sent.series_uid, "HEAD")
+        rows = session.scalars(select(Instance).order_by(Instance.instance_number)).all()
+        assert [r.instance_number for r in rows] == [1, 2]
+        assert {(r.state, r.version, r.calling_ae, r.series_id) for r in rows} == {
+            (InstanceState.STORED, 1, "CT01", series.id)
+        }
+        assert all(before <= r.received_at <= utcnow() for r in rows)
+        study_id = study.id
+
+    # The same bytes again: a duplicate, nothing added.
+    again = stack.ingestor.ingest(sent.paths[0].read_bytes(), calling_ae="CT01", source="test")
+    assert again.result.outcome is StoreOutcome.DUPLICATE
+
+    # Completed, then other content under the same SOP Instance UID: a new version that
+    # re-opens the study, both recorded.
+    with session_scope(stack.session_factory) as session:
+        session.execute(
+            update(Study).where(Study.id == study_id).values(status=StudyStatus.COMPLETE)
+        )
+    changed = dcmread(sent.paths[1])
+    changed.SeriesDescription = "re-sent with another description"
+    changed_path = tmp_path / "changed.dcm"
+    changed.save_as(changed_path, enforce_file_format=True)
+    late = stack.ingestor.ingest(changed_path.read_bytes(), calling_ae="CT02", source="test")
+    assert late.result.outcome is StoreOutcome.NEW_VERSION
+    assert late.result.reopened
+
+    with session_scope(stack.session_factory) as session:
+        study = session.scalars(select(Study)).one()
+        assert study.status == StudyStatus.RECEIVING
+        assert study.status_reason == "late instance after completion"
+        versions = session.execute(
+            select(Instance.version, Instance.calling_ae)
+            .where(Instance.sop_instance_uid == str(changed.SOPInstanceUID))
+            .order_by(Instance.version)
+        ).all()
+        assert [tuple(v) for v in versions] == [(1, "CT01"), (2, "CT02")]
+        kinds = sorted(session.scalars(select(AuditEvent.kind)))
+        assert kinds == ["new_version", "study_reopened"]
