@@ -5,14 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
-from sqlalchemy import select, update
+from sqlalchemy import Engine, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
 from tests.conftest import StackFactory
 from tests.helpers.instances import ct_study
 from triage.config import Settings
 from triage.db.base import utcnow
 from triage.db.models import AuditEvent, Instance, InstanceState, Series, Study, StudyStatus
+from triage.db.prepared import Prepared
 from triage.db.session import session_scope
 from triage.ingest.index import StoreOutcome
 
@@ -76,3 +79,21 @@ def test_rows_duplicates_versions_and_reopening(
         assert [tuple(v) for v in versions] == [(1, "CT01"), (2, "CT02")]
         kinds = sorted(session.scalars(select(AuditEvent.kind)))
         assert kinds == ["new_version", "study_reopened"]
+
+
+def test_a_failing_prepared_statement_raises_sqlalchemys_error_without_the_values(
+    engine: Engine,
+) -> None:
+    columns = ("at", "kind", "actor", "study_uid", "detail")
+    statement = Prepared(insert(AuditEvent), column_keys=columns)
+    values = {"at": utcnow(), "actor": "DOE^JANE", "study_uid": None, "detail": {"n": 1}}
+    with engine.begin() as connection:
+        statement.run(connection, {**values, "kind": "check"})
+    with pytest.raises(IntegrityError) as raised, engine.begin() as connection:
+        statement.run(connection, {**values, "kind": None})  # kind is NOT NULL
+    # SQLAlchemy leaves the values out (PostgreSQL's own DETAIL may still echo the failing row:
+    # the ingest path logs exception types, never their text).
+    assert "SQL parameters hidden" in str(raised.value)
+    with engine.connect() as connection:
+        stored = connection.execute(select(AuditEvent.kind, AuditEvent.detail)).all()
+    assert [tuple(row) for row in stored] == [("check", {"n": 1})]

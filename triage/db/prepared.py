@@ -4,8 +4,10 @@ SQLAlchemy's execution path (execution context, events, result objects) costs ab
 statement here; the ingest path runs five statements per received instance, before it may
 answer the sender. A ``Prepared`` statement is compiled once per dialect and its parameters go
 through the column types' own bind processors, so the database sees exactly what SQLAlchemy
-would send. Defaults are not filled in: every parameter the statement names must be given.
-DBAPI errors come out as SQLAlchemy's (IntegrityError, OperationalError, ...), as from Core.
+would send. Defaults are not filled in: every parameter the statement names must be given, and
+there are no expanding (IN list) parameters. DBAPI errors come out as SQLAlchemy's
+(IntegrityError, OperationalError, ...), as from Core, without the parameters in their message
+(they may hold patient data).
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ class Prepared:
         except dialect.loaded_dbapi.Error as exc:
             cursor.close()
             raise DBAPIError.instance(
-                compiled.sql, parameters, exc, dialect.loaded_dbapi.Error
+                compiled.sql, parameters, exc, dialect.loaded_dbapi.Error, hide_parameters=True
             ) from exc
         return cursor
 
