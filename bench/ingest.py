@@ -273,6 +273,10 @@ def measure(
                 work = root / f"run{run}-{receiver}-{associations}"
                 work.mkdir()
                 measure_one = measure_storescp if receiver == "storescp" else measure_triage
+                # Start from a clean page cache: storescp leaves ~160 MB unflushed and the
+                # previous run's files were just deleted; that writeback would otherwise fall
+                # on whichever run comes next.
+                os.sync()
                 sample = measure_one(series, work, associations=associations, timeout=timeout)
                 shutil.rmtree(work, ignore_errors=True)
                 samples[(receiver, associations)].append(sample)
