@@ -84,11 +84,12 @@ def test_rows_duplicates_versions_and_reopening(
 def test_a_failing_prepared_statement_raises_sqlalchemys_error_without_the_values(
     engine: Engine,
 ) -> None:
-    columns = ("at", "kind", "actor", "study_uid", "detail")
-    statement = Prepared(insert(AuditEvent), column_keys=columns)
+    statement = Prepared(insert(AuditEvent))
     values = {"at": utcnow(), "actor": "DOE^JANE", "study_uid": None, "detail": {"n": 1}}
     with engine.begin() as connection:
         statement.run(connection, {**values, "kind": "check"})
+    with pytest.raises(KeyError, match="kinds"), engine.begin() as connection:
+        statement.run(connection, {**values, "kinds": "misspelt"})  # not dropped in silence
     with pytest.raises(IntegrityError) as raised, engine.begin() as connection:
         statement.run(connection, {**values, "kind": None})  # kind is NOT NULL
     # SQLAlchemy leaves the values out (PostgreSQL's own DETAIL may still echo the failing row:

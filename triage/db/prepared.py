@@ -4,16 +4,17 @@ SQLAlchemy's execution path (execution context, events, result objects) costs ab
 statement here; the ingest path runs five statements per received instance, before it may
 answer the sender. A ``Prepared`` statement is compiled once per dialect and its parameters go
 through the column types' own bind processors, so the database sees exactly what SQLAlchemy
-would send. Defaults are not filled in: every parameter the statement names must be given, and
-there are no expanding (IN list) parameters. DBAPI errors come out as SQLAlchemy's
-(IntegrityError, OperationalError, ...), as from Core, without the parameters in their message
-(they may hold patient data).
+would send. An INSERT or UPDATE sets the columns its parameters name (compiled once per set of
+names). Defaults are not filled in: every parameter the statement names must be given, a name
+it does not take is an error, and there are no expanding (IN list) parameters. DBAPI errors
+come out as SQLAlchemy's (IntegrityError, OperationalError, ...), as from Core, without the
+parameters in their message (they may hold patient data).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,27 +41,28 @@ class _Compiled:
 
 
 class Prepared:
-    """``statement`` (with ``column_keys`` for an INSERT or UPDATE that sets those columns)."""
+    """``statement``, compiled for each dialect and each set of parameter names it is run with."""
 
-    def __init__(self, statement: ClauseElement, *, column_keys: Sequence[str] = ()) -> None:
+    def __init__(self, statement: ClauseElement) -> None:
         self.statement = statement
-        self.column_keys = list(column_keys)
-        self._compiled: dict[str, _Compiled] = {}
+        self._compiled: dict[tuple[str, frozenset[str]], _Compiled] = {}
         self._lock = threading.Lock()
 
-    def _for(self, dialect: Dialect) -> _Compiled:
-        compiled = self._compiled.get(dialect.name)
+    def _for(self, dialect: Dialect, given: Set[str]) -> _Compiled:
+        key = (dialect.name, frozenset(given))
+        compiled = self._compiled.get(key)
         if compiled is None:
             with self._lock:
-                compiled = self._compiled.get(dialect.name) or self._compile(dialect)
-                self._compiled[dialect.name] = compiled
+                compiled = self._compiled.get(key) or self._compile(dialect, key[1])
+                self._compiled[key] = compiled
         return compiled
 
-    def _compile(self, dialect: Dialect) -> _Compiled:
-        compiled: Any = self.statement.compile(
-            dialect=dialect, column_keys=self.column_keys or None
-        )
+    def _compile(self, dialect: Dialect, given: frozenset[str]) -> _Compiled:
+        compiled: Any = self.statement.compile(dialect=dialect, column_keys=sorted(given))
         names = tuple(compiled.positiontup) if dialect.positional else tuple(compiled.binds)
+        unknown = given - set(names)
+        if unknown:
+            raise KeyError(f"not parameters of the statement: {', '.join(sorted(unknown))}")
         processors = {}
         for name in names:
             type_ = compiled.binds[name].type
@@ -72,7 +74,7 @@ class Prepared:
     def execute(self, connection: Connection, values: Mapping[str, Any]) -> Any:
         """Run on ``connection``'s DBAPI connection (in its transaction); the DBAPI cursor."""
         dialect = connection.dialect
-        compiled = self._for(dialect)
+        compiled = self._for(dialect, values.keys())
         parameters = compiled.parameters(values)
         cursor = connection.connection.cursor()
         try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import functools
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -56,29 +55,8 @@ _STUDY = Prepared(
     )
 )
 _SERIES_ID = Prepared(select(Series.id).where(Series.series_uid == bindparam("series_uid")))
-_INSTANCE_COLUMNS = (
-    "series_id",
-    "sop_instance_uid",
-    "version",
-    "sop_class_uid",
-    "transfer_syntax_uid",
-    "file_id",
-    "size_bytes",
-    "sha256",
-    "instance_number",
-    "state",
-    "calling_ae",
-    "received_at",
-)
-_INSERT_INSTANCE = Prepared(insert(Instance), column_keys=_INSTANCE_COLUMNS)
-
-
-@functools.cache
-def _update_study(columns: frozenset[str]) -> Prepared:
-    """UPDATE studies SET <columns> (and updated_at) WHERE id = :study_pk."""
-    return Prepared(
-        update(Study).where(Study.id == bindparam("study_pk")), column_keys=sorted(columns)
-    )
+_UPDATE_STUDY = Prepared(update(Study).where(Study.id == bindparam("study_pk")))  # SET: the rest
+_INSERT_INSTANCE = Prepared(insert(Instance))
 
 
 def _study_row(connection: Connection, study_uid: str) -> dict[str, Any] | None:
@@ -124,9 +102,7 @@ def _study(
     if status != StudyStatus.RECEIVING:
         changes["status"] = StudyStatus.RECEIVING
         changes["status_reason"] = "late instance after completion"
-    _update_study(frozenset(changes)).run(
-        connection, {"study_pk": study["id"], "updated_at": now, **changes}
-    )
+    _UPDATE_STUDY.run(connection, {"study_pk": study["id"], "updated_at": now, **changes})
     return int(study["id"]), status
 
 
