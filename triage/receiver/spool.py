@@ -184,10 +184,11 @@ class IncomingFile:
 
 
 class _Spares:
-    """Empty files in ``tmp/`` made ahead of need by a thread, ``count`` kept ready."""
+    """Empty temporary files (named by ``temporary_for``) made ahead of need by a thread,
+    ``count`` kept ready."""
 
-    def __init__(self, tmp: Path, count: int) -> None:
-        self._tmp = tmp
+    def __init__(self, temporary_for: Callable[[str], Path], count: int) -> None:
+        self._temporary_for = temporary_for
         self._count = count
         self._ready: deque[tuple[str, int]] = deque()
         self._wanted = threading.Event()
@@ -212,7 +213,7 @@ class _Spares:
             while not self._stopping and len(self._ready) < self._count:
                 file_id = uuid.uuid4().hex
                 try:
-                    fd = os.open(self._tmp / f"{file_id}.part", _CREATE_FLAGS, 0o640)
+                    fd = os.open(self._temporary_for(file_id), _CREATE_FLAGS, 0o640)
                 except OSError:
                     break  # a full disk: open() tries itself and reports it
                 self._ready.append((file_id, fd))
@@ -225,7 +226,7 @@ class _Spares:
         while self._ready:
             file_id, fd = self._ready.popleft()
             os.close(fd)
-            (self._tmp / f"{file_id}.part").unlink(missing_ok=True)
+            self._temporary_for(file_id).unlink(missing_ok=True)
 
 
 class Spool:
@@ -263,7 +264,7 @@ class Spool:
         """Keep ``count`` empty files ready for ``open()`` (the listener does; an import
         need not). ``close()`` deletes those not taken; a crash leaves them to ``clear_tmp()``."""
         if self._spares is None:
-            self._spares = _Spares(self.tmp, count)
+            self._spares = _Spares(self.temporary_for, count)
 
     def close(self) -> None:
         spares, self._spares = self._spares, None
