@@ -221,7 +221,8 @@ class Association:
 
     def _read_pdu(self, timeout: float) -> tuple[int, memoryview]:
         """The next PDU's type and body; the body is valid until the next read."""
-        self.sock.settimeout(timeout)
+        if self.sock.gettimeout() != timeout:  # settimeout is a system call; this is per PDU
+            self.sock.settimeout(timeout)
         self._read_into(memoryview(self._header))
         pdu_type, length = _PDU_HEADER.unpack(self._header)
         if pdu_type == P_DATA_TF_TYPE:
