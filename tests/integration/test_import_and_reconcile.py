@@ -18,6 +18,7 @@ from triage.config import Settings
 from triage.db.models import AuditEvent, Instance, InstanceState
 from triage.db.session import create_db_engine, session_scope
 from triage.ingest.reconcile import Reconciliation, reconcile_spool
+from triage.receiver.spool import Spool, SpooledFile
 
 
 def admin(settings: Settings, *argv: str) -> subprocess.CompletedProcess[str]:
@@ -50,6 +51,13 @@ def test_import_folder_and_dicomdir(settings: Settings, tmp_path: Path) -> None:
     assert json.loads(status.stdout)["instances"] == 9
 
 
+def _spooled(spool: Spool, data: bytes) -> SpooledFile:
+    """``data`` as a whole spool file with no index row."""
+    incoming = spool.open()
+    incoming.write(data)
+    return incoming.commit()
+
+
 def test_reconcile_adopts_quarantines_and_flags(
     settings: Settings, tmp_path: Path, stack_factory: StackFactory
 ) -> None:
@@ -65,11 +73,11 @@ def test_reconcile_adopts_quarantines_and_flags(
     orphan.file_meta.SourceApplicationEntityTitle = "MODALITY7"
     encoded = BytesIO()
     orphan.save_as(encoded, enforce_file_format=True)
-    orphan_copy = spool.write(encoded.getvalue())
+    orphan_copy = _spooled(spool, encoded.getvalue())
     # ...a crash mid-write leaves a partial file in tmp/:
     (spool.tmp / "deadbeef.part").write_bytes(b"partial")
     # ...and a damaged disk may leave an unreadable file, or lose one:
-    junk = spool.write(b"not a DICOM file at all")
+    junk = _spooled(spool, b"not a DICOM file at all")
     with session_scope(factory) as session:
         lost = session.scalars(select(Instance.file_id)).first()
     assert lost is not None

@@ -279,12 +279,6 @@ class Spool:
             self._free_checked_at = now
         return self._has_room
 
-    def write(self, data: bytes) -> SpooledFile:
-        """Store ``data`` durably and return its id. Raises OutOfResourcesError on a full disk."""
-        incoming = self.open()
-        incoming.write(data)
-        return incoming.commit()
-
     def open(self) -> IncomingFile:
         """A new spool file to be written as its bytes arrive.
 
