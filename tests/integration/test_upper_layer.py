@@ -4,11 +4,13 @@ test_receiver.py (DCMTK, pynetdicom, Orthanc); these are the ones that do not.""
 
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.uid import generate_uid
 from pynetdicom import AE
 from sqlalchemy import func, select
 
@@ -25,7 +27,7 @@ from tests.helpers.dul import (
     pdu,
     pdv,
 )
-from tests.helpers.instances import dataset_body, pydicom_file
+from tests.helpers.instances import dataset_body, dataset_bytes_of, pydicom_file
 from tests.helpers.process import wait_for
 from triage.config import Settings
 from triage.db.models import AuditEvent, Instance
@@ -108,6 +110,46 @@ def test_many_small_fragments_and_several_pdvs_per_pdu_make_one_instance(
     [stored] = stack.spool.objects.glob("*/*.dcm")
     assert stored.read_bytes().endswith(body)
     assert dcmread(stored).file_meta.MediaStorageSOPInstanceUID == sop_instance_uid
+
+
+def test_data_sets_of_any_size_in_turn_on_one_association_are_stored_exactly(
+    stack: IngestStack,
+) -> None:
+    """Data sets are received in place into buffers reused from one C-STORE to the next: a
+    large one (the buffer grows), a small one after it, one refused, one more after that."""
+    rng = random.Random(7)
+    ds = dcmread(pydicom_file("CT_small.dcm"))
+    sent: dict[str, bytes] = {}
+    peer = _associated(stack)
+    for message_id, side in enumerate((1100, 128, 0, 300), start=1):
+        if side == 0:  # refused before its data set is read: nothing may be left of it
+            body, _ = _ct_small()
+            peer.send(
+                pdu(P_DATA_TF, pdv(1, 0x03, c_store_rq(message_id, CT_IMAGE_STORAGE, "1..2")))
+            )
+            peer.send(pdu(P_DATA_TF, pdv(1, 0x02, body)))
+            assert peer.response_status() == status.CANNOT_UNDERSTAND
+            continue
+        ds.SOPInstanceUID = generate_uid()
+        ds.Rows = ds.Columns = side
+        ds.PixelData = rng.randbytes(side * side * 2)
+        body = dataset_body(ds)
+        sent[str(ds.SOPInstanceUID)] = body
+        peer.send(
+            pdu(
+                P_DATA_TF, pdv(1, 0x03, c_store_rq(message_id, CT_IMAGE_STORAGE, ds.SOPInstanceUID))
+            )
+        )
+        for start in range(0, len(body), 60_000):  # 60 kB PDUs
+            last = start + 60_000 >= len(body)
+            peer.send(pdu(P_DATA_TF, pdv(1, 0x02 if last else 0x00, body[start : start + 60_000])))
+        assert peer.response_status() == status.SUCCESS
+    _release(peer)
+    with session_scope(stack.session_factory) as session:
+        rows = session.execute(select(Instance.sop_instance_uid, Instance.file_id)).all()
+    assert {uid for uid, _ in rows} == set(sent)
+    for uid, file_id in rows:
+        assert dataset_bytes_of(stack.spool.path_for(file_id)) == sent[uid]
 
 
 @pytest.mark.parametrize(("max_pdu", "accepted"), [(0, True), (16384, False)])

@@ -26,6 +26,8 @@ from triage.errors import DicomInputError
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
 
+Bytes = bytes | bytearray | memoryview
+
 
 @dataclass(frozen=True)
 class InstanceHeader:
@@ -95,6 +97,10 @@ _TRANSFER_SYNTAX = 0x00020010
 _SOURCE_AE = 0x00020016
 
 ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_SHORT_VRS = frozenset(
+    {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"PN"}
+    | {b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"}
+)
 _LONG_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 )
@@ -108,12 +114,13 @@ class _Walker:
     length are walked item by item to find their end.
     """
 
-    def __init__(self, data: bytes, *, little: bool, keep: Container[int]) -> None:
+    def __init__(self, data: Bytes, *, little: bool, keep: Container[int]) -> None:
         self.data = data
         self.keep = keep
         order = "<" if little else ">"
+        self._implicit = struct.Struct(order + "HHL")  # tag, 32-bit length
+        self._explicit = struct.Struct(order + "HH2sH")  # tag, VR, 16-bit length
         self._tag = struct.Struct(order + "HH")
-        self._u16 = struct.Struct(order + "H")
         self._u32 = struct.Struct(order + "L")
 
     def _truncated(self, what: str) -> DicomInputError:
@@ -131,34 +138,32 @@ class _Walker:
     ) -> int:
         """Walk a data set from ``offset``; the offset after it (after its Item Delimitation
         Item when ``in_item``). ``only_group`` stops at the first element of another group."""
-        data = self.data
-        while offset < end:
+        data, keep = self.data, self.keep
+        header = (self._implicit if implicit else self._explicit).unpack_from
+        u32 = self._u32.unpack_from
+        while offset < end:  # once per element: kept lean
             if end - offset < 8:
                 raise self._truncated("an element header")
-            group, element = self._tag.unpack_from(data, offset)
-            tag = group << 16 | element
-            if only_group is not None and group != only_group:
-                return offset
-            if tag == ITEM_END and in_item:
-                return offset + 8
-            if group == 0xFFFE:
-                raise DicomInputError(f"unexpected item tag ({group:04X},{element:04X})")
-            vr = b""
             if implicit:
-                length = self._u32.unpack_from(data, offset + 4)[0]
-                start = offset + 8
+                group, element, length = header(data, offset)
+                vr = b""
             else:
-                vr = data[offset + 4 : offset + 6]
-                if not (vr.isalpha() and vr.isupper()):
-                    raise DicomInputError(f"element ({group:04X},{element:04X}) has no valid VR")
-                if vr in _LONG_VRS:
-                    if end - offset < 12:
-                        raise self._truncated("an element header")
-                    length = self._u32.unpack_from(data, offset + 8)[0]
-                    start = offset + 12
-                else:
-                    length = self._u16.unpack_from(data, offset + 6)[0]
-                    start = offset + 8
+                group, element, vr, length = header(data, offset)
+            start = offset + 8
+            if group != only_group and only_group is not None:
+                return offset
+            if group == 0xFFFE:  # item tags have no VR
+                if element == ITEM_END & 0xFFFF and in_item:
+                    return start
+                raise DicomInputError(f"unexpected item tag ({group:04X},{element:04X})")
+            if vr in _LONG_VRS:
+                if end - offset < 12:
+                    raise self._truncated("an element header")
+                length = u32(data, offset + 8)[0]
+                start = offset + 12
+            elif vr not in _SHORT_VRS and not (implicit or (vr.isalpha() and vr.isupper())):
+                raise DicomInputError(f"element ({group:04X},{element:04X}) has no valid VR")
+            tag = group << 16 | element
             nested = wanted if tag == _REQUEST_ATTRIBUTES and wanted is not None else None
             if length == UNDEFINED_LENGTH:
                 offset = self.items(
@@ -169,8 +174,8 @@ class _Walker:
                 raise DicomInputError(
                     f"element ({group:04X},{element:04X}) declares {length} bytes past the end"
                 )
-            if wanted is not None and tag in self.keep and tag not in wanted:
-                wanted[tag] = data[start : start + length]
+            if tag in keep and wanted is not None and tag not in wanted:
+                wanted[tag] = bytes(data[start : start + length])
             if nested is not None and length:
                 self.items(
                     start,
@@ -223,7 +228,7 @@ class _Walker:
         return offset
 
 
-def _scan(data: bytes) -> tuple[str, dict[int, bytes]]:
+def _scan(data: Bytes) -> tuple[str, dict[int, bytes]]:
     """The transfer syntax and the raw values of ``_WANTED`` and of the Source AE Title, after
     checking the structure."""
     if len(data) < 132 or data[128:132] != b"DICM":
@@ -244,7 +249,7 @@ def _scan(data: bytes) -> tuple[str, dict[int, bytes]]:
     known = UID(syntax)
     implicit = known.is_implicit_VR if known.is_transfer_syntax else False
     little = known.is_little_endian if known.is_transfer_syntax else True
-    vr = body[start + 4 : start + 6]
+    vr = bytes(body[start + 4 : start + 6])
     if not implicit and len(vr) == 2 and not (vr.isalpha() and vr.isupper()):
         implicit = True  # written implicit despite the meta (pydicom reads these the same way)
     found = {_SOURCE_AE: meta[_SOURCE_AE]} if _SOURCE_AE in meta else {}
@@ -312,7 +317,7 @@ class _Values:
         return None
 
 
-def parse_header(data: bytes) -> InstanceHeader:
+def parse_header(data: Bytes) -> InstanceHeader:
     """The index attributes of a DICOM file held in ``data`` (preamble and file meta included).
 
     Every element must fit in the bytes received (pydicom reads a short value without

@@ -13,7 +13,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from triage.db.base import utcnow
-from triage.dicom.header import InstanceHeader, parse_header
+from triage.dicom.header import Bytes, InstanceHeader, parse_header
 from triage.errors import DatasetMismatchError, OutOfResourcesError
 from triage.ingest.index import IndexResult, StoreOutcome, index_instance
 from triage.metrics import IngestMetrics
@@ -52,7 +52,7 @@ class Ingestor:
 
     def ingest(
         self,
-        data: bytes,
+        data: Bytes,
         *,
         calling_ae: str | None,
         source: str,
@@ -97,7 +97,7 @@ class Ingestor:
         return ingested
 
     @staticmethod
-    def _checked_header(data: bytes, requested: tuple[str, str] | None) -> InstanceHeader:
+    def _checked_header(data: Bytes, requested: tuple[str, str] | None) -> InstanceHeader:
         header = parse_header(data)
         if requested is not None and requested != (header.sop_class_uid, header.sop_instance_uid):
             raise DatasetMismatchError("dataset UIDs differ from the C-STORE request")

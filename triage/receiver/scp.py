@@ -71,6 +71,10 @@ COMMON_TRANSFER_SYNTAXES = [
 
 AssociationEnded = Callable[[set[str]], None]
 
+# A data set goes to its spool file in pieces of this size while it arrives (each piece is a
+# write, a hash update and a start of writeback: a release of the GIL each).
+WRITE_BYTES = 256 * 1024
+
 # Empty spool files kept ready, so an association does not wait for a file to be created.
 SPARE_FILES = 8
 
@@ -86,11 +90,37 @@ def server_tls_context(tls: TlsFiles) -> ssl.SSLContext:
     return context
 
 
-class SpoolSink:
-    """One C-STORE data set: into a spool file while it arrives, then through the Ingestor.
+class DataSetBuffers:
+    """Memory for data sets being received, reused from one C-STORE to the next: a data set
+    is received into it in place, with no allocation or copy per instance. Buffers grown
+    beyond ``keep_bytes`` (a large multiframe) are not kept."""
 
-    A request that cannot be stored (invalid UIDs, a full spool) still has its data set
-    read to the end, then gets its status.
+    INITIAL_BYTES = 1 << 20
+
+    def __init__(self, *, keep: int = 16, keep_bytes: int = 64 << 20) -> None:
+        self._free: list[bytearray] = []
+        self._keep = keep
+        self._keep_bytes = keep_bytes
+
+    def take(self) -> bytearray:
+        try:
+            return self._free.pop()  # list.pop and list.append are atomic
+        except IndexError:
+            return bytearray(self.INITIAL_BYTES)
+
+    def give(self, buffer: bytearray) -> None:
+        if len(buffer) <= self._keep_bytes and len(self._free) < self._keep:
+            self._free.append(buffer)
+
+
+class SpoolSink:
+    """One C-STORE data set: into a buffer and a spool file while it arrives, then through
+    the Ingestor.
+
+    The buffer holds the file as it will be stored (preamble, file meta, data set), so the
+    header is read from memory. A request that cannot be stored (invalid UIDs, a full spool)
+    still has its data set read to the end, into the same room over and over, then gets its
+    status.
     """
 
     def __init__(
@@ -101,7 +131,10 @@ class SpoolSink:
         self.command = command
         self._incoming: IncomingFile | None = None
         self._refusal: StoreResult | None = None
-        self._data = bytearray()
+        self._buffer: bytearray | None = listener.buffers.take()
+        self._size = 0  # bytes of the file in the buffer
+        self._pending = 0  # bytes the last buffer() gave room for
+        self._written = 0  # bytes of the buffer written to the spool file
         sop_class, sop_instance = command.affected_sop_class_uid, command.affected_sop_instance_uid
         if not (is_valid_uid(sop_class) and is_valid_uid(sop_instance)):
             self._refusal = listener.refuse(
@@ -112,7 +145,7 @@ class SpoolSink:
                 sop_instance_uid=sop_instance[:64],
             )
             return
-        self._data += file_meta(
+        meta = file_meta(
             sop_class_uid=sop_class,
             sop_instance_uid=sop_instance,
             transfer_syntax_uid=transfer_syntax,
@@ -120,9 +153,10 @@ class SpoolSink:
             implementation_version_name=implementation_version_name(__version__),
             source_ae_title=peer.calling_ae if peer.calling_ae.isascii() else None,
         )
+        self.buffer(len(meta))[:] = meta
+        self.received()
         try:
             self._incoming = listener.ingestor.spool.open()
-            self._incoming.write(self._data)
         except OutOfResourcesError as exc:
             self._out_of_resources(exc)
 
@@ -136,27 +170,54 @@ class SpoolSink:
             sop_instance_uid=self.command.affected_sop_instance_uid,
         )
 
-    def write(self, fragment: memoryview) -> None:
+    def buffer(self, size: int) -> memoryview:
+        if self._buffer is None:
+            raise ValueError("data set already finished or abandoned")
         if self._refusal is not None:
-            return
-        self._data += fragment
-        if self._incoming is not None:
+            self._size = self._written = 0  # nothing is kept: reuse the same room
+        end = self._size + size
+        if end > len(self._buffer):
+            grown = bytearray(max(end, 2 * len(self._buffer)))
+            grown[: self._size] = memoryview(self._buffer)[: self._size]
+            self._buffer = grown
+        self._pending = size
+        return memoryview(self._buffer)[self._size : end]
+
+    def received(self) -> None:
+        self._size += self._pending
+        self._pending = 0
+        if self._size - self._written >= WRITE_BYTES:
+            self._write()
+
+    def _write(self) -> None:
+        """What the buffer holds beyond the last write, into the spool file."""
+        if self._incoming is not None and self._buffer is not None:
             try:
-                self._incoming.write(fragment)
+                self._incoming.write(memoryview(self._buffer)[self._written : self._size])
             except OutOfResourcesError as exc:
                 self._out_of_resources(exc)
+        self._written = self._size
 
     def finish(self) -> StoreResult:
-        if self._refusal is not None:
-            return self._refusal
-        return self.listener.store(
-            self.peer, self.command, bytes(self._data), incoming=self._incoming
-        )
+        self._write()
+        buffer, self._buffer = self._buffer, None
+        if buffer is None:
+            raise ValueError("data set already finished or abandoned")
+        try:
+            if self._refusal is not None:
+                return self._refusal
+            data = memoryview(buffer)[: self._size]
+            return self.listener.store(self.peer, self.command, data, incoming=self._incoming)
+        finally:
+            self.listener.buffers.give(buffer)
 
     def abandon(self) -> None:
         if self._incoming is not None:
             self._incoming.discard()
             self._incoming = None
+        buffer, self._buffer = self._buffer, None
+        if buffer is not None:
+            self.listener.buffers.give(buffer)
 
 
 class DicomListener:
@@ -177,6 +238,7 @@ class DicomListener:
         self.metrics = metrics
         self.on_association_end = on_association_end
         self.callers = CallerPolicy(settings.allowed_callers)
+        self.buffers = DataSetBuffers()
         self._studies: dict[int, set[str]] = {}
         self._lock = threading.Lock()
         self._server: AcceptorServer | None = None
@@ -282,9 +344,10 @@ class DicomListener:
         return StoreResult(code, message[:64])
 
     def store(
-        self, peer: Peer, command: Command, data: bytes, *, incoming: IncomingFile | None
+        self, peer: Peer, command: Command, data: memoryview, *, incoming: IncomingFile | None
     ) -> StoreResult:
-        """Ingest one received instance (``data`` is also in ``incoming``, uncommitted)."""
+        """Ingest one received instance (``data``, valid during the call, is also in
+        ``incoming``, uncommitted)."""
         requested = (command.affected_sop_class_uid, command.affected_sop_instance_uid)
         uids = {"sop_instance_uid": requested[1]}
         try:

@@ -2,8 +2,9 @@
 
 pynetdicom decodes and encodes the association PDUs and negotiates the presentation
 contexts; this module runs the connections. Each association is one thread doing blocking
-reads, with no polling and no hand-offs between threads, and a C-STORE data set goes to its
-sink fragment by fragment as it arrives, so writing it overlaps receiving it.
+reads, with no polling and no hand-offs between threads. P-DATA-TF PDUs are read item by
+item, and a C-STORE data set's fragments are received straight into its sink's memory, so
+writing it overlaps receiving it and no copy of it is made on the way.
 
 What is done with an association and its messages is the ``AcceptorPolicy``'s business
 (``triage.receiver.scp``); this module knows the protocol only.
@@ -16,6 +17,7 @@ import logging
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -59,11 +61,14 @@ MAX_ASSOCIATE_RQ_BYTES = 1 << 20
 """An A-ASSOCIATE-RQ larger than this is not a real one."""
 PDU_SLACK_BYTES = 1024
 """P-DATA-TF PDUs may exceed the maximum length we announced by this much before we abort."""
+SKIP_TIMEOUT_SECONDS = 1.0
+"""How long to wait for the rest of a P-DATA-TF we abort in the middle of."""
 UNLIMITED_PDU_BYTES = 64 << 20
 """The largest P-DATA-TF PDU taken when we announced no maximum (max_pdu_bytes = 0)."""
 
 _PDU_HEADER = struct.Struct(">BxL")
 _PDV_HEADER = struct.Struct(">LBB")
+_TIMEVAL = struct.Struct("@ll")  # struct timeval on Linux
 
 
 @dataclass(frozen=True)
@@ -106,9 +111,19 @@ class StoreResult:
 
 
 class DataSink(Protocol):
-    """Where one C-STORE data set goes while it arrives."""
+    """Where one C-STORE data set goes while it arrives.
 
-    def write(self, fragment: memoryview) -> None: ...
+    Each fragment is read from the socket straight into the memory ``buffer`` gives: the
+    data set is not copied between buffers on its way to the sink.
+    """
+
+    def buffer(self, size: int) -> memoryview:
+        """Room for the next ``size`` bytes of the data set."""
+        ...
+
+    def received(self) -> None:
+        """The room ``buffer`` last gave is filled."""
+        ...
 
     def finish(self) -> StoreResult:
         """The whole data set has arrived: keep it (or not) and say which status to answer."""
@@ -197,8 +212,16 @@ class Association:
         self.policy = server.policy
         announced = self.settings.max_pdu_bytes
         self._pdata_limit = announced + PDU_SLACK_BYTES if announced else UNLIMITED_PDU_BYTES
-        self._buffer = bytearray(min(self._pdata_limit, 256 * 1024))
+        self._scratch = bytearray(64 * 1024)  # PDU bodies and fragments no sink takes
         self._header = bytearray(_PDU_HEADER.size)
+        self._pdv_header = bytearray(_PDV_HEADER.size)
+        self._unread = 0  # bytes of the current P-DATA-TF not read yet
+        self._timeout: float | None = None
+        # A socket with a Python timeout polls before every recv and send, each a release of
+        # the GIL of its own; the kernel's SO_RCVTIMEO / SO_SNDTIMEO time out a blocking one.
+        self._kernel_timeouts = sys.platform == "linux" and server.tls is None
+        if self._kernel_timeouts:
+            sock.settimeout(None)
         self._contexts: dict[int, str] = {}  # accepted context id -> transfer syntax
         self._abstract: dict[int, str] = {}  # accepted context id -> abstract syntax
         self._peer_max_pdu = 0
@@ -211,7 +234,7 @@ class Association:
         while view:
             try:
                 count = self.sock.recv_into(view)
-            except TimeoutError as exc:
+            except (TimeoutError, BlockingIOError) as exc:  # BlockingIOError: SO_RCVTIMEO
                 raise _Abort("nothing received within the timeout", REASON_NOT_SPECIFIED) from exc
             except OSError as exc:
                 raise _Closed(type(exc).__name__) from exc
@@ -219,10 +242,21 @@ class Association:
                 raise _Closed("connection closed by the peer")
             view = view[count:]
 
-    def _read_pdu(self, timeout: float) -> tuple[int, memoryview]:
-        """The next PDU's type and body; the body is valid until the next read."""
-        if self.sock.gettimeout() != timeout:  # settimeout is a system call; this is per PDU
+    def _set_timeout(self, timeout: float) -> None:
+        if timeout == self._timeout:  # a system call, and this runs per PDU
+            return
+        self._timeout = timeout
+        if self._kernel_timeouts:
+            whole = int(timeout)
+            timeval = _TIMEVAL.pack(whole, int((timeout - whole) * 1_000_000))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        else:
             self.sock.settimeout(timeout)
+
+    def _read_pdu_header(self, timeout: float) -> tuple[int, int]:
+        """The next PDU's type and length, checked against the limit for its type."""
+        self._set_timeout(timeout)
         self._read_into(memoryview(self._header))
         pdu_type, length = _PDU_HEADER.unpack(self._header)
         if pdu_type == P_DATA_TF_TYPE:
@@ -233,11 +267,28 @@ class Association:
             limit = 64 * 1024
         if length > limit:
             raise _Abort(f"PDU of type {pdu_type:#04x} claims {length} bytes")
-        if length > len(self._buffer):
-            self._buffer = bytearray(length)
-        body = memoryview(self._buffer)[:length]
-        self._read_into(body)
-        return pdu_type, body
+        return pdu_type, length
+
+    def _read_scratch(self, length: int) -> memoryview:
+        """The next ``length`` bytes, valid until the next read."""
+        if length > len(self._scratch):
+            self._scratch = bytearray(length)
+        view = memoryview(self._scratch)[:length]
+        self._read_into(view)
+        return view
+
+    def _read_pdu(self, timeout: float) -> tuple[int, memoryview]:
+        """The next PDU's type and body; the body is valid until the next read."""
+        pdu_type, length = self._read_pdu_header(timeout)
+        return pdu_type, self._read_scratch(length)
+
+    def _skip_unread(self) -> None:
+        """Read the rest of the current P-DATA-TF before aborting, so that closing the
+        connection does not reset it (which can cost the peer our A-ABORT)."""
+        with contextlib.suppress(_Abort, _Closed, OSError):
+            self._set_timeout(SKIP_TIMEOUT_SECONDS)
+            while self._unread:
+                self._unread -= len(self._read_scratch(min(self._unread, len(self._scratch))))
 
     def _send(self, data: bytes) -> None:
         try:
@@ -260,6 +311,7 @@ class Association:
                 return
             released = self._serve()
         except _Abort as exc:
+            self._skip_unread()
             log.warning(
                 "association aborted: %s",
                 exc,
@@ -381,26 +433,28 @@ class Association:
         settings = self.settings
         while True:
             in_message = bool(command_bytes) or command is not None
-            pdu_type, body = self._read_pdu(
+            pdu_type, length = self._read_pdu_header(
                 settings.dimse_timeout if in_message else settings.network_timeout
             )
             if pdu_type == P_DATA_TF_TYPE:
-                offset, end = 0, len(body)
-                while offset < end:
-                    if end - offset < _PDV_HEADER.size:
+                self._unread = length
+                while self._unread:
+                    if self._unread < _PDV_HEADER.size:
                         raise _Abort("P-DATA-TF ends inside a PDV header")
-                    length, pdv_context, control = _PDV_HEADER.unpack_from(body, offset)
-                    if length < 2 or offset + 4 + length > end:
+                    self._read_into(memoryview(self._pdv_header))
+                    self._unread -= _PDV_HEADER.size
+                    item_length, pdv_context, control = _PDV_HEADER.unpack(self._pdv_header)
+                    size = item_length - 2
+                    if size < 0 or size > self._unread:
                         raise _Abort("PDV item length does not fit its P-DATA-TF")
-                    fragment = body[offset + 6 : offset + 4 + length]
-                    offset += 4 + length
                     if pdv_context not in self._contexts:
                         raise _Abort(f"PDV for presentation context {pdv_context} not accepted")
                     last = bool(control & 0x02)
                     if control & 0x01:  # command fragment
                         if command is not None:
                             raise _Abort("command fragment while a data set was expected")
-                        command_bytes += fragment
+                        command_bytes += self._read_scratch(size)
+                        self._unread -= size
                         if not last:
                             continue
                         try:
@@ -421,7 +475,11 @@ class Association:
                             raise _Abort("data set on another presentation context")
                         sink = self._sink
                         if sink is not None:
-                            sink.write(fragment)
+                            self._read_into(sink.buffer(size))
+                            sink.received()
+                        else:
+                            self._read_scratch(size)
+                        self._unread -= size
                         if not last:
                             continue
                         if sink is not None:
@@ -432,7 +490,9 @@ class Association:
                             result = self._unsupported(command, context_id)
                         self._answer(context_id, command, result)
                         command = None
-            elif pdu_type == A_RELEASE_RQ_TYPE:
+                continue
+            self._read_scratch(length)  # the other PDUs' bodies carry nothing we need
+            if pdu_type == A_RELEASE_RQ_TYPE:
                 if command is not None or command_bytes:
                     raise _Abort("A-RELEASE-RQ in the middle of a message", UNEXPECTED_PDU)
                 self._send(_pdu(A_RELEASE_RP_TYPE, bytes(4)))
