@@ -3,9 +3,12 @@ parse the header, spool durably, commit the index rows. Success is owed only aft
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +50,12 @@ class Ingestor:
     ) -> None:
         self.spool = spool
         self.engine = engine
+        # SQLite takes one writer at a time, and a connection that finds the database locked
+        # sleeps 1, 2, 5, 10 ms... before it looks again. The associations of this process
+        # queue on a lock instead, which hands over as soon as the writer commits.
+        self._one_writer: AbstractContextManager[object] = (
+            threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
+        )
         self.metrics = metrics
         self.on_stored = on_stored
 
@@ -122,7 +131,7 @@ class Ingestor:
     ) -> IndexResult:
         for attempt in range(1, INDEX_ATTEMPTS + 1):
             try:
-                with self.engine.begin() as connection:
+                with self._one_writer, self.engine.begin() as connection:
                     return index_instance(
                         connection=connection,
                         header=header,
