@@ -151,3 +151,21 @@ def test_every_truncation_inside_an_element_is_refused() -> None:
         group, element = struct.unpack_from("<HH", data, cut)
         assert Tag(group, element) in full, f"cut at {cut} accepted"
     assert len(accepted) < 60
+
+
+@pytest.mark.parametrize(
+    "attributes",
+    [
+        {"PatientName": "Doe^John^^Dr", "StudyDescription": " CT HEAD  ", "Modality": "CT"},
+        {"PatientName": "Yamada^Tarou=山田^太郎", "SpecificCharacterSet": ["", "ISO 2022 IR 87"]},
+        {"PatientID": "ID\x00\x00", "AccessionNumber": "A1 \x00", "StudyTime": "101010.5 "},
+        {"SeriesDescription": ["AX", "CORONAL"], "BodyPartExamined": "HEAD\\NECK"},
+        {"StudyDescription": "Kopf\x1b(B", "SpecificCharacterSet": "ISO 2022 IR 100"},
+        {"InstanceNumber": " 12 ", "SeriesNumber": "3"},
+    ],
+    ids=["ascii", "iso2022-pn", "nulls-and-spaces", "multi-valued", "escape", "integers"],
+)
+def test_values_read_as_pydicom_reads_them(attributes: dict[str, Any]) -> None:
+    """ASCII values are decoded without pydicom; these must still come out as pydicom's."""
+    data = _with(**attributes)
+    assert parse_header(data) == reference(data)

@@ -259,22 +259,30 @@ def _scan(data: Bytes) -> tuple[str, dict[int, bytes]]:
     return syntax, found
 
 
+_TAGS = {keyword: tag for tag, (keyword, _vr) in _WANTED.items()}
+_SPECIFIC_CHARACTER_SET = _TAGS["SpecificCharacterSet"]
+
+
 class _Values:
     """Raw values read as pydicom would, in the data set's character set."""
 
     def __init__(self, raw: dict[int, bytes]) -> None:
         self.raw = raw
-        charset = raw.get(_tag("SpecificCharacterSet"))
+        charset = raw.get(_SPECIFIC_CHARACTER_SET)
         names = convert_string(charset, True) if charset else None
         self.encodings = convert_encodings(
             list(names) if isinstance(names, MultiValue) else names or None
         )
 
     def text(self, keyword: str, limit: int) -> str | None:
-        tag = _tag(keyword)
+        tag = _TAGS[keyword]
         raw = self.raw.get(tag)
         if not raw:
             return None
+        if raw.isascii() and b"\\" not in raw and b"\x1b" not in raw:
+            # One value in ASCII, which every character set DICOM allows reads the same
+            # (ESC would switch an ISO 2022 set): what pydicom makes of it, without pydicom.
+            return raw.decode("ascii").rstrip("\x00 ").strip()[:limit] or None
         vr = _WANTED[tag][1]
         if vr == "PN":
             value: Any = convert_PN(raw, self.encodings)
@@ -297,7 +305,7 @@ class _Values:
                 return None
 
     def uid(self, keyword: str) -> str | None:
-        raw = self.raw.get(_tag(keyword))
+        raw = self.raw.get(_TAGS[keyword])
         return uid_text(raw) if raw is not None else None
 
     def source_ae(self) -> str | None:
