@@ -8,6 +8,7 @@ values the index keeps, in the data set's character set.
 
 from __future__ import annotations
 
+import functools
 import struct
 import zlib
 from collections.abc import Container
@@ -228,6 +229,17 @@ class _Walker:
         return offset
 
 
+@functools.lru_cache(maxsize=64)
+def _encoding(syntax: str) -> tuple[bool, bool]:
+    """(implicit VR, little endian) of a transfer syntax; an unknown one is read as explicit
+    VR little endian, as every transfer syntax defined since is (pydicom's UID validates
+    itself on every construction, hence the cache)."""
+    known = UID(syntax)
+    if not known.is_transfer_syntax:
+        return False, True
+    return known.is_implicit_VR, known.is_little_endian
+
+
 def _scan(data: Bytes) -> tuple[str, dict[int, bytes]]:
     """The transfer syntax and the raw values of ``_WANTED`` and of the Source AE Title, after
     checking the structure."""
@@ -246,9 +258,7 @@ def _scan(data: Bytes) -> tuple[str, dict[int, bytes]]:
             body, start = zlib.decompress(data[offset:], -zlib.MAX_WBITS), 0
         except zlib.error as exc:
             raise DicomInputError("deflated data set does not inflate") from exc
-    known = UID(syntax)
-    implicit = known.is_implicit_VR if known.is_transfer_syntax else False
-    little = known.is_little_endian if known.is_transfer_syntax else True
+    implicit, little = _encoding(syntax)
     vr = bytes(body[start + 4 : start + 6])
     if not implicit and len(vr) == 2 and not (vr.isalpha() and vr.isupper()):
         implicit = True  # written implicit despite the meta (pydicom reads these the same way)
