@@ -211,5 +211,6 @@ def stack_factory() -> Iterator[StackFactory]:
     for listener in [listener for stack in stacks for listener in stack.listeners]:
         listener.stop()
     for stack in stacks:
+        stack.ingestor.close()
         stack.ingestor.engine.dispose()
         stack.engine.dispose()

@@ -149,6 +149,7 @@ class TriageService:
             if self.local_workers is not None:
                 self.local_workers.stop()
             self.sender.close()
+            self.ingestor.close()
             self.ingestor.engine.dispose()
             self.engine.dispose()
             log.info("triage stopped")

@@ -147,6 +147,8 @@ def import_files(
         for file in files:
             outcomes[_import_one(ingestor, file)] += 1
             progress.advance(task)
+    ingestor.close()
+    engine.dispose()
     if as_json:
         print(json.dumps(dict(outcomes), indent=2, sort_keys=True))
     else:

@@ -7,12 +7,11 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from triage.db.base import utcnow
@@ -52,10 +51,12 @@ class Ingestor:
         self.engine = engine
         # SQLite takes one writer at a time, and a connection that finds the database locked
         # sleeps 1, 2, 5, 10 ms... before it looks again. The associations of this process
-        # queue on a lock instead, which hands over as soon as the writer commits.
-        self._one_writer: AbstractContextManager[object] = (
-            threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
-        )
+        # queue on a lock instead, which hands over as soon as the writer commits, and share
+        # one connection, held (no pool checkout per instance). PostgreSQL locks rows: each
+        # transaction takes a connection from the pool.
+        self._one_writer = engine.dialect.name == "sqlite"
+        self._writer_lock = threading.Lock()
+        self._writer: Connection | None = None
         self.metrics = metrics
         self.on_stored = on_stored
 
@@ -126,12 +127,32 @@ class Ingestor:
             self.spool.remove(spooled.file_id)
         return Ingested(header, result)
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        if not self._one_writer:
+            with self.engine.begin() as connection:
+                yield connection
+            return
+        with self._writer_lock:
+            writer = self._writer
+            if writer is None or writer.closed or writer.invalidated:
+                writer = self._writer = self.engine.connect()
+            with writer.begin():
+                yield writer
+
+    def close(self) -> None:
+        """Give back the connection held for SQLite (the engine is the caller's to dispose)."""
+        with self._writer_lock:
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+
     def _index(
         self, header: InstanceHeader, *, spooled: SpooledFile, calling_ae: str | None
     ) -> IndexResult:
         for attempt in range(1, INDEX_ATTEMPTS + 1):
             try:
-                with self._one_writer, self.engine.begin() as connection:
+                with self._transaction() as connection:
                     return index_instance(
                         connection=connection,
                         header=header,
