@@ -203,7 +203,8 @@ class _Spares:
             spare = self._ready.popleft()
         except IndexError:
             spare = None
-        self._wanted.set()
+        if len(self._ready) <= self._count // 2:  # refill by halves: one wake-up per few files
+            self._wanted.set()
         return spare
 
     def _run(self) -> None:
