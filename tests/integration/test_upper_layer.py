@@ -152,6 +152,23 @@ def test_data_sets_of_any_size_in_turn_on_one_association_are_stored_exactly(
         assert dataset_bytes_of(stack.spool.path_for(file_id)) == sent[uid]
 
 
+def test_pdus_that_arrive_together_are_taken_apart(stack: IngestStack) -> None:
+    """Three C-STOREs and the release request in one write: the reader's early bytes (it takes
+    a PDV header with each PDU header) must never swallow the start of the next PDU."""
+    ds = dcmread(pydicom_file("CT_small.dcm"))
+    stream = b""
+    for message_id in (1, 2, 3):
+        ds.SOPInstanceUID = generate_uid()
+        command = c_store_rq(message_id, CT_IMAGE_STORAGE, ds.SOPInstanceUID)
+        stream += pdu(P_DATA_TF, pdv(1, 0x03, command) + pdv(1, 0x02, dataset_body(ds)))
+    peer = _associated(stack)
+    peer.send(stream + pdu(A_RELEASE_RQ, bytes(4)))
+    assert [peer.response_status() for _ in range(3)] == [status.SUCCESS] * 3
+    assert peer.read().pdu_type == A_RELEASE_RP
+    peer.close()
+    assert _count(stack, Instance) == 3
+
+
 @pytest.mark.parametrize(("max_pdu", "accepted"), [(0, True), (16384, False)])
 def test_pdu_size_limit_follows_the_announced_maximum(
     settings: Settings, stack_factory: StackFactory, max_pdu: int, accepted: bool

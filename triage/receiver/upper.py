@@ -215,6 +215,8 @@ class Association:
         self._scratch = bytearray(64 * 1024)  # PDU bodies and fragments no sink takes
         self._header = bytearray(_PDU_HEADER.size)
         self._pdv_header = bytearray(_PDV_HEADER.size)
+        self._head = bytearray(_PDU_HEADER.size + _PDV_HEADER.size)
+        self._ahead = bytearray()  # bytes received before they were asked for
         self._unread = 0  # bytes of the current P-DATA-TF not read yet
         self._timeout: float | None = None
         # A socket with a Python timeout polls before every recv and send, each a release of
@@ -230,17 +232,38 @@ class Association:
 
     # -- transport ---------------------------------------------------------------------------
 
+    def _recv_into(self, view: memoryview) -> int:
+        try:
+            count = self.sock.recv_into(view)
+        except (TimeoutError, BlockingIOError) as exc:  # BlockingIOError: SO_RCVTIMEO
+            raise _Abort("nothing received within the timeout", REASON_NOT_SPECIFIED) from exc
+        except OSError as exc:
+            raise _Closed(type(exc).__name__) from exc
+        if count == 0:
+            raise _Closed("connection closed by the peer")
+        return count
+
     def _read_into(self, view: memoryview) -> None:
-        while view:
-            try:
-                count = self.sock.recv_into(view)
-            except (TimeoutError, BlockingIOError) as exc:  # BlockingIOError: SO_RCVTIMEO
-                raise _Abort("nothing received within the timeout", REASON_NOT_SPECIFIED) from exc
-            except OSError as exc:
-                raise _Closed(type(exc).__name__) from exc
-            if count == 0:
-                raise _Closed("connection closed by the peer")
+        if self._ahead:  # bytes an earlier read took early
+            count = min(len(view), len(self._ahead))
+            view[:count] = self._ahead[:count]
+            del self._ahead[:count]
             view = view[count:]
+        while view:
+            view = view[self._recv_into(view) :]
+
+    def _read_header_into(self, view: memoryview) -> None:
+        """Like ``_read_into``, also taking the few bytes after it that have arrived (a
+        P-DATA-TF's PDV item header), which saves a system call per PDU."""
+        if self._ahead or len(view) >= len(self._head):
+            self._read_into(view)
+            return
+        count = self._recv_into(memoryview(self._head))
+        if count > len(view):
+            self._ahead += self._head[len(view) : count]
+            count = len(view)
+        view[:count] = self._head[:count]
+        self._read_into(view[count:])
 
     def _set_timeout(self, timeout: float) -> None:
         if timeout == self._timeout:  # a system call, and this runs per PDU
@@ -257,7 +280,7 @@ class Association:
     def _read_pdu_header(self, timeout: float) -> tuple[int, int]:
         """The next PDU's type and length, checked against the limit for its type."""
         self._set_timeout(timeout)
-        self._read_into(memoryview(self._header))
+        self._read_header_into(memoryview(self._header))
         pdu_type, length = _PDU_HEADER.unpack(self._header)
         if pdu_type == P_DATA_TF_TYPE:
             limit = self._pdata_limit
