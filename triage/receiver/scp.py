@@ -269,7 +269,7 @@ class DicomListener:
             contexts=self._contexts,
             tls=tls,
         )
-        self.ingestor.spool.keep_spares(SPARE_FILES)
+        self.ingestor.spool.keep_ready(SPARE_FILES)
         self._server.start()
         log.info(
             "DICOM listener started",

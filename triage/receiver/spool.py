@@ -74,6 +74,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _OpenDirectories:
+    """Directories kept open for their fsyncs: an open and a close fewer per file."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    def fsync(self, path: Path) -> None:
+        fd = self._fds.get(path)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(path)
+                if fd is None:
+                    fd = self._fds[path] = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        os.fsync(fd)
+
+    def close(self) -> None:
+        with self._lock:
+            fds, self._fds = list(self._fds.values()), {}
+        for fd in fds:
+            os.close(fd)
+
+
 def write_durably(final: Path, data: bytes, *, temporary: Path) -> None:
     """Write ``data`` to ``temporary``, fsync, rename onto ``final``, fsync the directory."""
     writer = DurableWriter(final, temporary=temporary)
@@ -90,12 +113,21 @@ class DurableWriter:
     renamed onto ``final`` (directory fsynced too). Until then ``final`` does not exist.
 
     Pieces are hashed (SHA-256) as they are written. ``fd``, if given, is ``temporary``
-    already created empty and open for writing. Raises OSError as the system does.
+    already created empty and open for writing; ``sync_dir`` fsyncs a directory. Raises
+    OSError as the system does.
     """
 
-    def __init__(self, final: Path, *, temporary: Path, fd: int | None = None) -> None:
+    def __init__(
+        self,
+        final: Path,
+        *,
+        temporary: Path,
+        fd: int | None = None,
+        sync_dir: Callable[[Path], None] = _fsync_dir,
+    ) -> None:
         self.final = final
         self.temporary = temporary
+        self._sync_dir = sync_dir
         self.size = 0
         self._queued = 0  # bytes handed to writeback so far
         self._hash = hashlib.sha256()
@@ -135,7 +167,7 @@ class DurableWriter:
             except FileNotFoundError:
                 self.final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(self.temporary, self.final)
-            _fsync_dir(self.final.parent)
+            self._sync_dir(self.final.parent)
         except BaseException:
             self.temporary.unlink(missing_ok=True)
             raise
@@ -160,7 +192,10 @@ class IncomingFile:
         self.file_id = file_id
         try:
             self._writer = DurableWriter(
-                spool.path_for(file_id), temporary=spool.temporary_for(file_id), fd=fd
+                spool.path_for(file_id),
+                temporary=spool.temporary_for(file_id),
+                fd=fd,
+                sync_dir=spool.sync_dir,
             )
         except OSError as exc:
             raise spool._failed(exc) from exc
@@ -248,6 +283,7 @@ class Spool:
         self._free_checked_at = 0.0
         self._has_room = True
         self._spares: _Spares | None = None
+        self._directories: _OpenDirectories | None = None
 
     @classmethod
     def for_settings(cls, settings: Settings) -> Spool:
@@ -261,16 +297,29 @@ class Spool:
     def temporary_for(self, file_id: str) -> Path:
         return self.tmp / f"{file_id}.part"
 
-    def keep_spares(self, count: int) -> None:
-        """Keep ``count`` empty files ready for ``open()`` (the listener does; an import
-        need not). ``close()`` deletes those not taken; a crash leaves them to ``clear_tmp()``."""
+    def keep_ready(self, spares: int) -> None:
+        """Keep ``spares`` empty files ready for ``open()``, and the directories files are
+        renamed into open for their fsyncs (the listener does; an import need not).
+        ``close()`` deletes the spares not taken; a crash leaves them to ``clear_tmp()``."""
         if self._spares is None:
-            self._spares = _Spares(self.temporary_for, count)
+            self._spares = _Spares(self.temporary_for, spares)
+            self._directories = _OpenDirectories()
 
     def close(self) -> None:
         spares, self._spares = self._spares, None
         if spares is not None:
             spares.close()
+        directories, self._directories = self._directories, None
+        if directories is not None:
+            directories.close()
+
+    def sync_dir(self, path: Path) -> None:
+        """fsync the directory ``path``, through an open descriptor while ``keep_ready``."""
+        directories = self._directories  # once: close() may clear it meanwhile
+        if directories is not None:
+            directories.fsync(path)
+        else:
+            _fsync_dir(path)
 
     def has_room(self) -> bool:
         """Whether free space is above the reserve; checked at most once a second."""
@@ -304,7 +353,7 @@ class Spool:
         """Move a file the index cannot account for out of the way, keeping it for inspection."""
         target = self.quarantine_dir / path.name
         os.replace(path, target)
-        _fsync_dir(self.quarantine_dir)
+        self.sync_dir(self.quarantine_dir)
         return target
 
     def stored_ids(self) -> Iterator[str]:
