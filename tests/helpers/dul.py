@@ -57,6 +57,34 @@ def c_store_rq(message_id: int, sop_class_uid: str, sop_instance_uid: str) -> by
     )
 
 
+def association_request(
+    abstract_syntaxes: list[str],
+    *,
+    calling: str = "RAWSCU",
+    called: str = "TRIAGE",
+    transfer_syntax: str = EXPLICIT_LITTLE,
+) -> bytes:
+    """An A-ASSOCIATE-RQ PDU proposing one context per abstract syntax (ids 1, 3, 5, ...)."""
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = UID("1.2.840.10008.3.1.1.1")
+    primitive.calling_ae_title = calling
+    primitive.called_ae_title = called
+    contexts = []
+    for index, abstract_syntax in enumerate(abstract_syntaxes):
+        context = PresentationContext()
+        context.context_id = 2 * index + 1
+        context.abstract_syntax = UID(abstract_syntax)
+        context.transfer_syntax = [UID(transfer_syntax)]
+        contexts.append(context)
+    primitive.presentation_context_definition_list = contexts
+    maximum = MaximumLengthNotification()
+    maximum.maximum_length_received = 16384
+    primitive.user_information = [maximum]
+    request = A_ASSOCIATE_RQ()
+    request.from_primitive(primitive)
+    return bytes(request.encode())
+
+
 @dataclass
 class Reply:
     pdu_type: int
@@ -105,24 +133,11 @@ class RawAssociation:
         transfer_syntax: str = EXPLICIT_LITTLE,
     ) -> Reply:
         """Propose one context per abstract syntax (ids 1, 3, 5, ...); the AC or RJ reply."""
-        primitive = A_ASSOCIATE()
-        primitive.application_context_name = UID("1.2.840.10008.3.1.1.1")
-        primitive.calling_ae_title = calling
-        primitive.called_ae_title = called
-        contexts = []
-        for index, abstract_syntax in enumerate(abstract_syntaxes):
-            context = PresentationContext()
-            context.context_id = 2 * index + 1
-            context.abstract_syntax = UID(abstract_syntax)
-            context.transfer_syntax = [UID(transfer_syntax)]
-            contexts.append(context)
-        primitive.presentation_context_definition_list = contexts
-        maximum = MaximumLengthNotification()
-        maximum.maximum_length_received = 16384
-        primitive.user_information = [maximum]
-        request = A_ASSOCIATE_RQ()
-        request.from_primitive(primitive)
-        self.send(request.encode())
+        self.send(
+            association_request(
+                abstract_syntaxes, calling=calling, called=called, transfer_syntax=transfer_syntax
+            )
+        )
         reply = self.read()
         if reply.pdu_type == A_ASSOCIATE_AC_TYPE:
             accept = A_ASSOCIATE_AC()

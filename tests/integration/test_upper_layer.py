@@ -22,6 +22,7 @@ from tests.helpers.dul import (
     A_RELEASE_RQ,
     P_DATA_TF,
     RawAssociation,
+    association_request,
     c_store_rq,
     command_set,
     pdu,
@@ -349,3 +350,32 @@ def test_idle_association_is_closed_after_the_network_timeout(
     assert peer.read().pdu_type == A_ABORT
     assert time.monotonic() - started < 3
     assert peer.closed_by_peer()
+
+
+def test_a_negotiation_is_remembered_by_its_request(stack: IngestStack) -> None:
+    """The listener answers a request it has seen from memory; any other request, even one
+    that differs only in the calling AE title, is negotiated on its own."""
+    listener = stack.listeners[0]
+    server = listener._server  # the AcceptorServer this listener runs
+    assert server is not None
+    ct = association_request([CT_IMAGE_STORAGE], calling="CT01")
+    first = server.negotiation(ct)
+    assert server.negotiation(ct) is first
+    assert dict(first.abstract_syntaxes) == {1: CT_IMAGE_STORAGE}
+    assert (first.calling_ae, first.refusal) == ("CT01", None)
+
+    other = server.negotiation(
+        association_request([MR_IMAGE_STORAGE, "1.2.3.4.5.6"], calling="MR01")
+    )
+    assert other is not first
+    assert (other.calling_ae, dict(other.abstract_syntaxes)) == ("MR01", {1: MR_IMAGE_STORAGE})
+    assert server.negotiation(ct) is first
+
+    # And over the wire, twice with the same request: both accepted, with the same answer.
+    replies = []
+    for _ in range(2):
+        peer = RawAssociation(_port(stack))
+        replies.append(peer.associate([CT_IMAGE_STORAGE]))
+        assert peer.accepted == {1: "1.2.840.10008.1.2.1"}
+        _release(peer)
+    assert replies[0] == replies[1]

@@ -20,8 +20,10 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Protocol
 
 from pydicom.uid import UID
@@ -61,6 +63,8 @@ MAX_ASSOCIATE_RQ_BYTES = 1 << 20
 """An A-ASSOCIATE-RQ larger than this is not a real one."""
 PDU_SLACK_BYTES = 1024
 """P-DATA-TF PDUs may exceed the maximum length we announced by this much before we abort."""
+NEGOTIATIONS_KEPT = 32
+"""Distinct association requests whose negotiation the listener remembers."""
 SKIP_TIMEOUT_SECONDS = 1.0
 """How long to wait for the rest of a P-DATA-TF we abort in the middle of."""
 UNLIMITED_PDU_BYTES = 64 << 20
@@ -195,6 +199,79 @@ class AcceptorSettings:
     implementation_version_name: str
 
 
+@dataclass(frozen=True)
+class Negotiation:
+    """What an A-ASSOCIATE-RQ asks for and our answer, which depend on nothing else (whether
+    the caller may associate is the policy's question, asked every time)."""
+
+    calling_ae: str
+    called_ae: str
+    refusal: Rejection | None  # for the protocol version or application context asked for
+    transfer_syntaxes: Mapping[int, str]  # accepted presentation context id -> transfer syntax
+    abstract_syntaxes: Mapping[int, str]  # accepted presentation context id -> SOP class
+    peer_max_pdu: int
+    accept: bytes  # the A-ASSOCIATE-AC to send
+
+
+def negotiate(
+    request: bytes, contexts: list[PresentationContext], settings: AcceptorSettings
+) -> Negotiation:
+    """Decode an A-ASSOCIATE-RQ PDU and negotiate its presentation contexts (pynetdicom).
+
+    Raises _Abort for a request that cannot be decoded.
+    """
+    pdu = A_ASSOCIATE_RQ()
+    try:
+        pdu.decode(request)
+        primitive = pdu.to_primitive()
+    except Exception as exc:
+        raise _Abort(f"undecodable A-ASSOCIATE-RQ ({type(exc).__name__})") from exc
+    refusal = None
+    if not pdu.protocol_version & 0x0001:
+        refusal = rejection(PROTOCOL_VERSION_NOT_SUPPORTED, "protocol version not supported")
+    elif str(primitive.application_context_name) != APPLICATION_CONTEXT_NAME:
+        refusal = rejection(APPLICATION_CONTEXT_NOT_SUPPORTED, "application context unknown")
+    results, _roles = negotiate_as_acceptor(
+        primitive.presentation_context_definition_list, contexts, None
+    )
+    accepted = [c for c in results if c.result == 0x00 and c.context_id is not None]
+    return Negotiation(
+        calling_ae=str(primitive.calling_ae_title).strip(),
+        called_ae=str(primitive.called_ae_title).strip(),
+        refusal=refusal,
+        transfer_syntaxes=MappingProxyType(
+            {c.context_id: str(c.transfer_syntax[0]) for c in accepted if c.context_id}
+        ),
+        abstract_syntaxes=MappingProxyType(
+            {c.context_id: str(c.abstract_syntax) for c in accepted if c.context_id}
+        ),
+        peer_max_pdu=primitive.maximum_length_received or 0,
+        accept=_accept(primitive, results, settings) if refusal is None else b"",
+    )
+
+
+def _accept(
+    primitive: A_ASSOCIATE, results: list[PresentationContext], settings: AcceptorSettings
+) -> bytes:
+    reply = A_ASSOCIATE()
+    reply.application_context_name = UID(APPLICATION_CONTEXT_NAME)
+    reply.calling_ae_title = primitive.calling_ae_title
+    reply.called_ae_title = primitive.called_ae_title
+    reply.result = 0x00
+    reply.result_source = 0x01
+    reply.presentation_context_definition_results_list = results
+    maximum = MaximumLengthNotification()
+    maximum.maximum_length_received = settings.max_pdu_bytes
+    implementation = ImplementationClassUIDNotification()
+    implementation.implementation_class_uid = UID(settings.implementation_class_uid)
+    version = ImplementationVersionNameNotification()
+    version.implementation_version_name = settings.implementation_version_name
+    reply.user_information = [maximum, implementation, version]
+    pdu = A_ASSOCIATE_AC()
+    pdu.from_primitive(reply)
+    return bytes(pdu.encode())
+
+
 class Association:
     """One accepted connection, run to its end in its own thread."""
 
@@ -224,8 +301,8 @@ class Association:
         self._kernel_timeouts = sys.platform == "linux" and server.tls is None
         if self._kernel_timeouts:
             sock.settimeout(None)
-        self._contexts: dict[int, str] = {}  # accepted context id -> transfer syntax
-        self._abstract: dict[int, str] = {}  # accepted context id -> abstract syntax
+        self._contexts: Mapping[int, str] = {}  # accepted context id -> transfer syntax
+        self._abstract: Mapping[int, str] = {}  # accepted context id -> abstract syntax
         self._peer_max_pdu = 0
         self._established = False
         self._sink: DataSink | None = None  # the C-STORE data set being received
@@ -382,15 +459,12 @@ class Association:
         pdu_type, body = self._read_pdu(self.settings.network_timeout)
         if pdu_type != A_ASSOCIATE_RQ_TYPE:
             raise _Abort(f"expected A-ASSOCIATE-RQ, got PDU type {pdu_type:#04x}", UNEXPECTED_PDU)
-        request = A_ASSOCIATE_RQ()
-        try:
-            request.decode(_PDU_HEADER.pack(pdu_type, len(body)) + bytes(body))
-            primitive = request.to_primitive()
-        except Exception as exc:
-            raise _Abort(f"undecodable A-ASSOCIATE-RQ ({type(exc).__name__})") from exc
-        self.peer.calling_ae = str(primitive.calling_ae_title).strip()
-        self.peer.called_ae = str(primitive.called_ae_title).strip()
-        refusal = self._refusal(request, primitive)
+        negotiation = self.server.negotiation(_PDU_HEADER.pack(pdu_type, len(body)) + body)
+        self.peer.calling_ae = negotiation.calling_ae
+        self.peer.called_ae = negotiation.called_ae
+        refusal = negotiation.refusal or self.policy.check(
+            self.peer, self.server.active_count() - 1
+        )
         if refusal is not None:
             self._send(
                 _pdu(
@@ -399,15 +473,10 @@ class Association:
             )
             self.policy.rejected(self.peer, refusal)
             return False
-        results, _roles = negotiate_as_acceptor(
-            primitive.presentation_context_definition_list, self.server.contexts, None
-        )
-        for context in results:
-            if context.result == 0x00 and context.context_id is not None:
-                self._contexts[context.context_id] = str(context.transfer_syntax[0])
-                self._abstract[context.context_id] = str(context.abstract_syntax)
-        self._peer_max_pdu = primitive.maximum_length_received or 0
-        self._send(self._accept(primitive, results))
+        self._contexts = negotiation.transfer_syntaxes
+        self._abstract = negotiation.abstract_syntaxes
+        self._peer_max_pdu = negotiation.peer_max_pdu
+        self._send(negotiation.accept)
         self._established = True
         log.info(
             "association accepted",
@@ -418,32 +487,6 @@ class Association:
             },
         )
         return True
-
-    def _refusal(self, request: A_ASSOCIATE_RQ, primitive: A_ASSOCIATE) -> Rejection | None:
-        if not request.protocol_version & 0x0001:
-            return rejection(PROTOCOL_VERSION_NOT_SUPPORTED, "protocol version not supported")
-        if str(primitive.application_context_name) != APPLICATION_CONTEXT_NAME:
-            return rejection(APPLICATION_CONTEXT_NOT_SUPPORTED, "application context unknown")
-        return self.policy.check(self.peer, self.server.active_count() - 1)
-
-    def _accept(self, primitive: A_ASSOCIATE, results: list[PresentationContext]) -> bytes:
-        reply = A_ASSOCIATE()
-        reply.application_context_name = UID(APPLICATION_CONTEXT_NAME)
-        reply.calling_ae_title = primitive.calling_ae_title
-        reply.called_ae_title = primitive.called_ae_title
-        reply.result = 0x00
-        reply.result_source = 0x01
-        reply.presentation_context_definition_results_list = results
-        maximum = MaximumLengthNotification()
-        maximum.maximum_length_received = self.settings.max_pdu_bytes
-        implementation = ImplementationClassUIDNotification()
-        implementation.implementation_class_uid = UID(self.settings.implementation_class_uid)
-        version = ImplementationVersionNameNotification()
-        version.implementation_version_name = self.settings.implementation_version_name
-        reply.user_information = [maximum, implementation, version]
-        pdu = A_ASSOCIATE_AC()
-        pdu.from_primitive(reply)
-        return pdu.encode()
 
     def _serve(self) -> bool:
         """The data transfer phase, until release, abort or end of connection.
@@ -595,6 +638,8 @@ class AcceptorServer:
         self._active: dict[int, tuple[threading.Thread, socket.socket]] = {}
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._accept_loop, name="dicom-accept", daemon=True)
+        self._negotiations: OrderedDict[bytes, Negotiation] = OrderedDict()
+        self._negotiating = threading.Lock()
 
     @property
     def port(self) -> int:
@@ -603,6 +648,25 @@ class AcceptorServer:
     def active_count(self) -> int:
         with self._lock:
             return len(self._active)
+
+    def negotiation(self, request: bytes) -> Negotiation:
+        """``negotiate(request)``, remembered for the last NEGOTIATIONS_KEPT requests.
+
+        A PACS asks for the same thing association after association, and decoding and
+        negotiating the ~128 presentation contexts a sender like storescu proposes takes
+        pynetdicom 10-15 ms. One request is negotiated at a time: associations that open
+        together wait for the first one's answer instead of all working it out.
+        """
+        with self._negotiating:
+            found = self._negotiations.get(request)
+            if found is None:
+                found = negotiate(request, self.contexts, self.settings)
+                self._negotiations[request] = found
+                if len(self._negotiations) > NEGOTIATIONS_KEPT:
+                    self._negotiations.popitem(last=False)
+            else:
+                self._negotiations.move_to_end(request)
+            return found
 
     def start(self) -> None:
         self._thread.start()
