@@ -13,6 +13,7 @@ from pathlib import Path
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import configure_mappers
 
 from triage.db.base import utcnow
 from triage.dicom.header import Bytes, InstanceHeader, parse_header
@@ -59,6 +60,9 @@ class Ingestor:
         self._writer: Connection | None = None
         self.metrics = metrics
         self.on_stored = on_stored
+        # The ORM's mappers configure themselves on first use (tens of ms, GIL held): at
+        # start, not inside the first C-STORE after a restart.
+        configure_mappers()
 
     def ingest(
         self,
