@@ -125,7 +125,7 @@ class Ingestor:
         """
         data = path.read_bytes()
         header = parse_header(data)
-        spooled = SpooledFile(path.stem, path, len(data), content_hash(data))
+        spooled = SpooledFile(path.stem, str(path), len(data), content_hash(data))
         result = self._index(header, spooled=spooled, calling_ae=header.source_ae)
         if result.outcome is StoreOutcome.DUPLICATE:
             self.spool.remove(spooled.file_id)

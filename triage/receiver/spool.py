@@ -11,6 +11,7 @@ from 0.1 ms to over 1 ms on ext4, most just after many files were deleted).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -18,7 +19,6 @@ import shutil
 import sys
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,13 +27,21 @@ from pathlib import Path
 from triage.config import Settings
 from triage.errors import OutOfResourcesError
 
+# The spool's hot path (a few file operations per received instance) names files with strings:
+# each pathlib operation costs microseconds of Python, with the GIL held.
+StrPath = str | os.PathLike[str]
+
 
 @dataclass(frozen=True)
 class SpooledFile:
     file_id: str
-    path: Path
+    location: str
     size_bytes: int
     sha256: str
+
+    @property
+    def path(self) -> Path:
+        return Path(self.location)
 
 
 def content_hash(data: bytes) -> str:
@@ -66,7 +74,12 @@ def _writeback_starter() -> Callable[[int, int, int], object] | None:
 _start_writeback = _writeback_starter()
 
 
-def _fsync_dir(path: Path) -> None:
+def new_file_id() -> str:
+    """A spool file's name: 128 random bits in hex (never anything from the wire)."""
+    return os.urandom(16).hex()
+
+
+def _fsync_dir(path: StrPath) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -78,10 +91,10 @@ class _OpenDirectories:
     """Directories kept open for their fsyncs: an open and a close fewer per file."""
 
     def __init__(self) -> None:
-        self._fds: dict[Path, int] = {}
+        self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def fsync(self, path: Path) -> None:
+    def fsync(self, path: str) -> None:
         fd = self._fds.get(path)
         if fd is None:
             with self._lock:
@@ -97,7 +110,7 @@ class _OpenDirectories:
             os.close(fd)
 
 
-def write_durably(final: Path, data: bytes, *, temporary: Path) -> None:
+def write_durably(final: StrPath, data: bytes, *, temporary: StrPath) -> None:
     """Write ``data`` to ``temporary``, fsync, rename onto ``final``, fsync the directory."""
     writer = DurableWriter(final, temporary=temporary)
     try:
@@ -106,6 +119,11 @@ def write_durably(final: Path, data: bytes, *, temporary: Path) -> None:
         writer.discard()
         raise
     writer.commit()
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 class DurableWriter:
@@ -119,14 +137,14 @@ class DurableWriter:
 
     def __init__(
         self,
-        final: Path,
+        final: StrPath,
         *,
-        temporary: Path,
+        temporary: StrPath,
         fd: int | None = None,
-        sync_dir: Callable[[Path], None] = _fsync_dir,
+        sync_dir: Callable[[str], None] = _fsync_dir,
     ) -> None:
-        self.final = final
-        self.temporary = temporary
+        self.final = os.fspath(final)
+        self.temporary = os.fspath(temporary)
         self._sync_dir = sync_dir
         self.size = 0
         self._queued = 0  # bytes handed to writeback so far
@@ -158,18 +176,19 @@ class DurableWriter:
             os.fsync(fd)
         except BaseException:
             os.close(fd)
-            self.temporary.unlink(missing_ok=True)
+            _unlink(self.temporary)
             raise
         os.close(fd)
+        directory = os.path.dirname(self.final)
         try:
             try:
                 os.replace(self.temporary, self.final)
             except FileNotFoundError:
-                self.final.parent.mkdir(parents=True, exist_ok=True)
+                os.makedirs(directory, exist_ok=True)
                 os.replace(self.temporary, self.final)
-            self._sync_dir(self.final.parent)
+            self._sync_dir(directory)
         except BaseException:
-            self.temporary.unlink(missing_ok=True)
+            _unlink(self.temporary)
             raise
 
     def discard(self) -> None:
@@ -177,7 +196,7 @@ class DurableWriter:
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
-            self.temporary.unlink(missing_ok=True)
+            _unlink(self.temporary)
 
 
 class IncomingFile:
@@ -192,8 +211,8 @@ class IncomingFile:
         self.file_id = file_id
         try:
             self._writer = DurableWriter(
-                spool.path_for(file_id),
-                temporary=spool.temporary_for(file_id),
+                spool.location_for(file_id),
+                temporary=spool.temporary_location_for(file_id),
                 fd=fd,
                 sync_dir=spool.sync_dir,
             )
@@ -212,7 +231,8 @@ class IncomingFile:
             self._writer.commit()
         except OSError as exc:
             raise self.spool._failed(exc) from exc
-        return SpooledFile(self.file_id, self._writer.final, self._writer.size, self._writer.sha256)
+        writer = self._writer
+        return SpooledFile(self.file_id, writer.final, writer.size, writer.sha256)
 
     def discard(self) -> None:
         self._writer.discard()
@@ -222,7 +242,7 @@ class _Spares:
     """Empty temporary files (named by ``temporary_for``) made ahead of need by a thread,
     ``count`` kept ready."""
 
-    def __init__(self, temporary_for: Callable[[str], Path], count: int) -> None:
+    def __init__(self, temporary_for: Callable[[str], str], count: int) -> None:
         self._temporary_for = temporary_for
         self._count = count
         self._ready: deque[tuple[str, int]] = deque()
@@ -247,7 +267,7 @@ class _Spares:
             self._wanted.wait()
             self._wanted.clear()
             while not self._stopping and len(self._ready) < self._count:
-                file_id = uuid.uuid4().hex
+                file_id = new_file_id()
                 try:
                     fd = os.open(self._temporary_for(file_id), _CREATE_FLAGS, 0o640)
                 except OSError:
@@ -262,7 +282,7 @@ class _Spares:
         while self._ready:
             file_id, fd = self._ready.popleft()
             os.close(fd)
-            self._temporary_for(file_id).unlink(missing_ok=True)
+            _unlink(self._temporary_for(file_id))
 
 
 class Spool:
@@ -280,6 +300,8 @@ class Spool:
             directory.mkdir(parents=True, exist_ok=True)
         for prefix in range(256):  # every objects/<xx>/ now, not on the first C-STORE to each
             (self.objects / f"{prefix:02x}").mkdir(exist_ok=True)
+        self._objects_prefix = os.path.join(self.objects, "")
+        self._tmp_prefix = os.path.join(self.tmp, "")
         self._free_checked_at = 0.0
         self._has_room = True
         self._spares: _Spares | None = None
@@ -292,17 +314,24 @@ class Spool:
         )
 
     def path_for(self, file_id: str) -> Path:
-        return self.objects / file_id[:2] / f"{file_id}.dcm"
+        return Path(self.location_for(file_id))
 
     def temporary_for(self, file_id: str) -> Path:
-        return self.tmp / f"{file_id}.part"
+        return Path(self.temporary_location_for(file_id))
+
+    def location_for(self, file_id: str) -> str:
+        """``path_for`` as a string (objects/ab/<id>.dcm): the ingest path's."""
+        return f"{self._objects_prefix}{file_id[:2]}/{file_id}.dcm"
+
+    def temporary_location_for(self, file_id: str) -> str:
+        return f"{self._tmp_prefix}{file_id}.part"
 
     def keep_ready(self, spares: int) -> None:
         """Keep ``spares`` empty files ready for ``open()``, and the directories files are
         renamed into open for their fsyncs (the listener does; an import need not).
         ``close()`` deletes the spares not taken; a crash leaves them to ``clear_tmp()``."""
         if self._spares is None:
-            self._spares = _Spares(self.temporary_for, spares)
+            self._spares = _Spares(self.temporary_location_for, spares)
             self._directories = _OpenDirectories()
 
     def close(self) -> None:
@@ -313,11 +342,11 @@ class Spool:
         if directories is not None:
             directories.close()
 
-    def sync_dir(self, path: Path) -> None:
+    def sync_dir(self, path: StrPath) -> None:
         """fsync the directory ``path``, through an open descriptor while ``keep_ready``."""
         directories = self._directories  # once: close() may clear it meanwhile
         if directories is not None:
-            directories.fsync(path)
+            directories.fsync(os.fspath(path))
         else:
             _fsync_dir(path)
 
@@ -340,14 +369,14 @@ class Spool:
         spare = spares.take() if spares is not None else None
         if spare is not None:
             return IncomingFile(self, *spare)
-        return IncomingFile(self, uuid.uuid4().hex)
+        return IncomingFile(self, new_file_id())
 
     def _failed(self, exc: OSError) -> OutOfResourcesError:
         self._free_checked_at = 0.0  # look again next time
         return OutOfResourcesError(f"spool write failed: {exc.strerror}")
 
     def remove(self, file_id: str) -> None:
-        self.path_for(file_id).unlink(missing_ok=True)
+        _unlink(self.location_for(file_id))
 
     def quarantine(self, path: Path) -> Path:
         """Move a file the index cannot account for out of the way, keeping it for inspection."""
