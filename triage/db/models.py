@@ -143,7 +143,9 @@ class Instance(Base):
     transfer_syntax_uid: Mapped[str] = mapped_column(UID)
     file_id: Mapped[str] = mapped_column(String(36), unique=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
-    sha256: Mapped[str] = mapped_column(String(64))
+    # "<algorithm>:<hex>" of the spool file (triage.receiver.spool.content_digest); rows from
+    # before migration 0005 carry "sha256:<hex>".
+    digest: Mapped[str] = mapped_column(String(80))
     instance_number: Mapped[int | None] = mapped_column(Integer)
     state: Mapped[InstanceState] = mapped_column(
         enum_type(InstanceState), default=InstanceState.STORED

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -14,7 +15,10 @@ from triage.db.models import Instance, InstanceState, Series, Study, StudyStatus
 from triage.db.prepared import Prepared
 from triage.dicom.header import InstanceHeader
 from triage.ingest.audit import add_event
-from triage.receiver.spool import SpooledFile
+from triage.receiver.spool import DIGEST_ALGORITHM, SpooledFile
+
+SameContent = Callable[[str, int], bool]
+"""Whether the spool file with this id and size holds the bytes of the instance being indexed."""
 
 
 class StoreOutcome(enum.StrEnum):
@@ -34,10 +38,32 @@ class IndexResult:
 # and run on the DBAPI cursor (see triage.db.prepared), in the caller's transaction. The rare
 # inserts of a new study or series stay in Core.
 _VERSIONS = Prepared(
-    select(Instance.version, Instance.sha256).where(
+    select(Instance.version, Instance.digest, Instance.file_id, Instance.size_bytes).where(
         Instance.sop_instance_uid == bindparam("sop_instance_uid")
     )
 )
+_OUR_DIGESTS = f"{DIGEST_ALGORITHM}:"
+
+
+def _held_copy(
+    versions: list[tuple[Any, ...]], spooled: SpooledFile, same_content: SameContent
+) -> bool:
+    """Whether a version already held has the bytes of ``spooled``.
+
+    Equal digests are confirmed byte by byte (XXH3 is not collision-resistant), and a version
+    digested by another algorithm (SHA-256, before migration 0005) is compared the same way.
+    Only a re-send of an instance pays for a comparison.
+    """
+    for _version, digest, file_id, size in versions:
+        if size != spooled.size_bytes:
+            continue
+        if (digest == spooled.digest or not digest.startswith(_OUR_DIGESTS)) and same_content(
+            file_id, size
+        ):
+            return True
+    return False
+
+
 _FILLED_IN = (
     "patient_name",
     "patient_id",
@@ -131,17 +157,19 @@ def index_instance(
     connection: Connection,
     header: InstanceHeader,
     spooled: SpooledFile,
+    same_content: SameContent,
     calling_ae: str | None,
     now: datetime,
 ) -> IndexResult:
     """Add the rows for one spooled instance; the caller commits, then answers Success.
 
+    ``same_content`` compares a held version's file with the instance (see ``_held_copy``).
     A concurrent insert of the same version raises IntegrityError: the caller retries.
     """
     versions = _VERSIONS.rows(connection, {"sop_instance_uid": header.sop_instance_uid})
-    if any(digest == spooled.sha256 for _version, digest in versions):
+    if versions and _held_copy(versions, spooled, same_content):
         return IndexResult(StoreOutcome.DUPLICATE, header.study_uid)
-    version = max((held for held, _digest in versions), default=0) + 1
+    version = max((row[0] for row in versions), default=0) + 1
     study_id, previous_status = _study(connection, header, calling_ae, now)
     _INSERT_INSTANCE.run(
         connection,
@@ -153,7 +181,7 @@ def index_instance(
             "transfer_syntax_uid": header.transfer_syntax_uid,
             "file_id": spooled.file_id,
             "size_bytes": spooled.size_bytes,
-            "sha256": spooled.sha256,
+            "digest": spooled.digest,
             "instance_number": header.instance_number,
             "state": InstanceState.STORED,
             "calling_ae": calling_ae,

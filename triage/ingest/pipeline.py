@@ -20,7 +20,7 @@ from triage.dicom.header import Bytes, InstanceHeader, parse_header
 from triage.errors import DatasetMismatchError, OutOfResourcesError
 from triage.ingest.index import IndexResult, StoreOutcome, index_instance
 from triage.metrics import IngestMetrics
-from triage.receiver.spool import IncomingFile, Spool, SpooledFile, content_hash
+from triage.receiver.spool import IncomingFile, Spool, SpooledFile, content_digest
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class Ingestor:
         # Duplicates are found inside the index transaction; an identical re-send costs one
         # spool write that is removed again, which keeps new instances on the short path.
         try:
-            result = self._index(header, spooled=spooled, calling_ae=calling_ae)
+            result = self._index(header, spooled=spooled, data=data, calling_ae=calling_ae)
         except BaseException:
             self.spool.remove(spooled.file_id)
             raise
@@ -125,8 +125,8 @@ class Ingestor:
         """
         data = path.read_bytes()
         header = parse_header(data)
-        spooled = SpooledFile(path.stem, str(path), len(data), content_hash(data))
-        result = self._index(header, spooled=spooled, calling_ae=header.source_ae)
+        spooled = SpooledFile(path.stem, str(path), len(data), content_digest(data))
+        result = self._index(header, spooled=spooled, data=data, calling_ae=header.source_ae)
         if result.outcome is StoreOutcome.DUPLICATE:
             self.spool.remove(spooled.file_id)
         return Ingested(header, result)
@@ -151,9 +151,29 @@ class Ingestor:
         if writer is not None:
             writer.close()
 
+    def _same_content(self, data: Bytes) -> Callable[[str, int], bool]:
+        """Whether a spool file holds exactly ``data`` (a missing or unreadable one does not)."""
+
+        def same(file_id: str, size: int) -> bool:
+            if size != len(data):
+                return False
+            try:
+                with open(self.spool.location_for(file_id), "rb") as held:
+                    return held.read(size + 1) == data
+            except OSError:
+                return False
+
+        return same
+
     def _index(
-        self, header: InstanceHeader, *, spooled: SpooledFile, calling_ae: str | None
+        self,
+        header: InstanceHeader,
+        *,
+        spooled: SpooledFile,
+        data: Bytes,
+        calling_ae: str | None,
     ) -> IndexResult:
+        same_content = self._same_content(data)
         for attempt in range(1, INDEX_ATTEMPTS + 1):
             try:
                 with self._transaction() as connection:
@@ -161,6 +181,7 @@ class Ingestor:
                         connection=connection,
                         header=header,
                         spooled=spooled,
+                        same_content=same_content,
                         calling_ae=calling_ae,
                         now=utcnow(),
                     )

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import os
 import shutil
 import sys
@@ -23,6 +22,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import xxhash
 
 from triage.config import Settings
 from triage.errors import OutOfResourcesError
@@ -37,15 +38,24 @@ class SpooledFile:
     file_id: str
     location: str
     size_bytes: int
-    sha256: str
+    digest: str
 
     @property
     def path(self) -> Path:
         return Path(self.location)
 
 
-def content_hash(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+DIGEST_ALGORITHM = "xxh3-128"
+"""What ``content_digest`` names its digests with. XXH3 is not cryptographic: a digest tells
+files apart and finds damage, and two files are taken for the same content only after a
+byte-by-byte comparison (see ``triage.ingest.index``). Per 512 KiB CT slice it costs about
+15 us against about 400 us for SHA-256 with the CPU's SHA extensions, on the ingest path
+before Success."""
+
+
+def content_digest(data: bytes | bytearray | memoryview) -> str:
+    """``xxh3-128:<32 hex digits>``: the digest a spool file's index row carries."""
+    return f"{DIGEST_ALGORITHM}:{xxhash.xxh3_128_hexdigest(data)}"
 
 
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
@@ -130,7 +140,7 @@ class DurableWriter:
     """A file written piece by piece into ``temporary`` and, on ``commit()``, fsynced and
     renamed onto ``final`` (directory fsynced too). Until then ``final`` does not exist.
 
-    Pieces are hashed (SHA-256) as they are written. ``fd``, if given, is ``temporary``
+    Pieces are digested (``content_digest``) as they are written. ``fd``, if given, is ``temporary``
     already created empty and open for writing; ``sync_dir`` fsyncs a directory. Raises
     OSError as the system does.
     """
@@ -148,7 +158,7 @@ class DurableWriter:
         self._sync_dir = sync_dir
         self.size = 0
         self._queued = 0  # bytes handed to writeback so far
-        self._hash = hashlib.sha256()
+        self._hash = xxhash.xxh3_128()
         self._fd: int | None = os.open(temporary, _CREATE_FLAGS, 0o640) if fd is None else fd
 
     def write(self, piece: bytes | bytearray | memoryview) -> None:
@@ -165,8 +175,8 @@ class DurableWriter:
             self._queued = whole_pages
 
     @property
-    def sha256(self) -> str:
-        return self._hash.hexdigest()
+    def digest(self) -> str:
+        return f"{DIGEST_ALGORITHM}:{self._hash.hexdigest()}"
 
     def commit(self) -> None:
         if self._fd is None:
@@ -232,7 +242,7 @@ class IncomingFile:
         except OSError as exc:
             raise self.spool._failed(exc) from exc
         writer = self._writer
-        return SpooledFile(self.file_id, writer.final, writer.size, writer.sha256)
+        return SpooledFile(self.file_id, writer.final, writer.size, writer.digest)
 
     def discard(self) -> None:
         self._writer.discard()
