@@ -142,7 +142,27 @@ class _Walker:
         data, keep = self.data, self.keep
         header = (self._implicit if implicit else self._explicit).unpack_from
         u32 = self._u32.unpack_from
+        # Most elements of an explicit VR data set have a short VR: the inner loop takes runs
+        # of them as the loop below would, and leaves every other element to it.
+        short_runs = not implicit and wanted is not None and only_group is None
         while offset < end:  # once per element: kept lean
+            if short_runs:
+                while end - offset >= 8:
+                    group, element, vr, length = header(data, offset)
+                    tag = group << 16 | element
+                    if vr not in _SHORT_VRS or group == 0xFFFE or tag == _REQUEST_ATTRIBUTES:
+                        break
+                    start = offset + 8
+                    if length > end - start:
+                        raise DicomInputError(
+                            f"element ({group:04X},{element:04X}) declares {length} bytes "
+                            "past the end"
+                        )
+                    if tag in keep and tag not in wanted:  # type: ignore[operator]
+                        wanted[tag] = bytes(data[start : start + length])  # type: ignore[index]
+                    offset = start + length
+                if offset >= end:
+                    break
             if end - offset < 8:
                 raise self._truncated("an element header")
             if implicit:
