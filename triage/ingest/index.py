@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, exists, insert, literal_column, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from triage.db.models import Instance, InstanceState, Series, Study, StudyStatus
@@ -81,6 +81,20 @@ _STUDY = Prepared(
     )
 )
 _SERIES_ID = Prepared(select(Series.id).where(Series.series_uid == bindparam("series_uid")))
+# What one instance needs to know first, in one statement: whether its SOP Instance UID is
+# held already (the versions are read only then), its series' id and its study's row (NULLs
+# for a series or study not seen before).
+_LOOKUP = Prepared(
+    select(
+        exists().where(Instance.sop_instance_uid == bindparam("sop_instance_uid")),
+        select(Series.id).where(Series.series_uid == bindparam("series_uid")).scalar_subquery(),
+        *(getattr(Study, name) for name in _STUDY_COLUMNS),
+    ).select_from(
+        select(literal_column("1"))
+        .subquery("one")
+        .outerjoin(Study, Study.study_uid == bindparam("study_uid"))
+    )
+)
 _UPDATE_STUDY = Prepared(update(Study).where(Study.id == bindparam("study_pk")))  # SET: the rest
 _INSERT_INSTANCE = Prepared(insert(Instance))
 
@@ -97,10 +111,14 @@ def _insert_ignoring_conflict(connection: Connection, model: Any, values: dict[s
 
 
 def _study(
-    connection: Connection, header: InstanceHeader, calling_ae: str | None, now: datetime
+    connection: Connection,
+    header: InstanceHeader,
+    study: dict[str, Any] | None,
+    calling_ae: str | None,
+    now: datetime,
 ) -> tuple[int, StudyStatus]:
-    """The study's id and status before this instance; fills in what it did not know yet."""
-    study = _study_row(connection, header.study_uid)
+    """The study's id and status before this instance (``study``: its row, None when there
+    was none); fills in what it did not know yet."""
     if study is None:
         _insert_ignoring_conflict(
             connection,
@@ -132,24 +150,21 @@ def _study(
     return int(study["id"]), status
 
 
-def _series_id(connection: Connection, header: InstanceHeader, study_id: int) -> int:
-    parameters = {"series_uid": header.series_uid}
-    found = _SERIES_ID.rows(connection, parameters)
-    if not found:
-        _insert_ignoring_conflict(
-            connection,
-            Series,
-            {
-                "study_id": study_id,
-                "series_uid": header.series_uid,
-                "modality": header.modality,
-                "body_part": header.body_part,
-                "series_description": header.series_description,
-                "series_number": header.series_number,
-            },
-        )
-        found = _SERIES_ID.rows(connection, parameters)
-    return int(found[0][0])
+def _new_series_id(connection: Connection, header: InstanceHeader, study_id: int) -> int:
+    """The id of the instance's series, inserted (another association may be doing the same)."""
+    _insert_ignoring_conflict(
+        connection,
+        Series,
+        {
+            "study_id": study_id,
+            "series_uid": header.series_uid,
+            "modality": header.modality,
+            "body_part": header.body_part,
+            "series_description": header.series_description,
+            "series_number": header.series_number,
+        },
+    )
+    return int(_SERIES_ID.rows(connection, {"series_uid": header.series_uid})[0][0])
 
 
 def index_instance(
@@ -166,15 +181,25 @@ def index_instance(
     ``same_content`` compares a held version's file with the instance (see ``_held_copy``).
     A concurrent insert of the same version raises IntegrityError: the caller retries.
     """
-    versions = _VERSIONS.rows(connection, {"sop_instance_uid": header.sop_instance_uid})
+    uid = header.sop_instance_uid
+    held, series_id, *study_values = _LOOKUP.rows(
+        connection,
+        {"sop_instance_uid": uid, "series_uid": header.series_uid, "study_uid": header.study_uid},
+    )[0]
+    versions = _VERSIONS.rows(connection, {"sop_instance_uid": uid}) if held else []
     if versions and _held_copy(versions, spooled, same_content):
         return IndexResult(StoreOutcome.DUPLICATE, header.study_uid)
     version = max((row[0] for row in versions), default=0) + 1
-    study_id, previous_status = _study(connection, header, calling_ae, now)
+    study = dict(zip(_STUDY_COLUMNS, study_values, strict=True))
+    study_id, previous_status = _study(
+        connection, header, study if study["id"] is not None else None, calling_ae, now
+    )
+    if series_id is None:
+        series_id = _new_series_id(connection, header, study_id)
     _INSERT_INSTANCE.run(
         connection,
         {
-            "series_id": _series_id(connection, header, study_id),
+            "series_id": series_id,
             "sop_instance_uid": header.sop_instance_uid,
             "version": version,
             "sop_class_uid": header.sop_class_uid,
