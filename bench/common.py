@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import signal
 import socket
 import statistics
@@ -224,6 +225,27 @@ def cpu_seconds(pid: int) -> float | None:
     except (OSError, IndexError):
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    """User plus system CPU seconds of this process's children that have been waited for
+    (``run_all``'s clients among them)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def machine_cpu_seconds() -> tuple[float, float] | None:
+    """(busy, idle) CPU seconds of the whole machine since boot, all cores (Linux), else None.
+
+    Busy is every state but idle and iowait; taken before and after a run, it says how much of
+    the machine's CPU the run used, and how much was left idle."""
+    try:
+        fields = [int(value) for value in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) / tick, idle / tick
 
 
 def machine() -> str:

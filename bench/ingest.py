@@ -35,12 +35,14 @@ from bench.common import (
     LOOPBACK,
     ProcessError,
     argument_parser,
+    children_cpu_seconds,
     clean_env,
     cpu_seconds,
     emit,
     filesystem,
     free_port,
     machine,
+    machine_cpu_seconds,
     median,
     run_all,
     running,
@@ -74,7 +76,32 @@ class Series:
 @dataclass(frozen=True)
 class Sample:
     seconds: float
-    cpu_seconds: float | None = None  # the receiver's, where it can be read
+    cpu_seconds: float | None = None  # the receiver process's own (triage), where it can be read
+    sender_cpu_seconds: float | None = None  # the storescu processes'
+    other_cpu_seconds: float | None = None  # the machine's busy time less the senders'
+    idle_fraction: float | None = None  # of the machine's CPU time (all cores) during the send
+
+
+class MachineClock:
+    """CPU time of the senders and of the whole machine across one timed send."""
+
+    def __init__(self) -> None:
+        self._children = children_cpu_seconds()
+        self._machine = machine_cpu_seconds()
+
+    def sample(self, seconds: float, receiver_cpu: float | None = None) -> Sample:
+        senders = children_cpu_seconds() - self._children
+        after = machine_cpu_seconds()
+        if self._machine is None or after is None:
+            return Sample(seconds, receiver_cpu, senders)
+        busy, idle = (end - start for end, start in zip(after, self._machine, strict=True))
+        return Sample(
+            seconds,
+            receiver_cpu,
+            senders,
+            max(busy - senders, 0.0),
+            idle / (busy + idle) if busy + idle > 0 else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -86,6 +113,9 @@ class Result:
     instances_per_second: float
     mb_per_second: float
     cpu_ms_per_instance: float | None
+    sender_cpu_ms_per_instance: float | None
+    other_cpu_ms_per_instance: float | None
+    idle_percent: float | None
 
 
 def generate_series(directory: Path, slices: int, *, seed: int = 0) -> Series:
@@ -177,16 +207,18 @@ def measure_storescp(series: Series, work: Path, *, associations: int, timeout: 
     env = clean_env(NODELAY)
     with running(argv, env=env, log_path=work / "storescp.log") as server:
         wait_for_port(port, process=server, timeout=30)
+        clock = MachineClock()
         elapsed = run_all(
             storescu_commands(series, port=port, called_ae=STORESCP_AE, associations=associations),
             env=env,
             timeout=timeout,
             log_dir=work,
         )
+        sample = clock.sample(elapsed)  # before storescp stops: its CPU is not the senders'
     held = sum(1 for path in received.iterdir() if path.is_file())
     if held != len(series.files):
         raise ProcessError(f"storescp holds {held} files, {len(series.files)} were sent")
-    return Sample(elapsed)
+    return sample
 
 
 def _venv_script(name: str) -> str:
@@ -243,6 +275,7 @@ def measure_triage(series: Series, work: Path, *, associations: int, timeout: fl
     ) as server:
         wait_for_port(dicom_port, process=server, timeout=120)
         cpu_before = cpu_seconds(server.pid)
+        clock = MachineClock()
         elapsed = run_all(
             storescu_commands(
                 series, port=dicom_port, called_ae=TRIAGE_AE, associations=associations
@@ -252,12 +285,14 @@ def measure_triage(series: Series, work: Path, *, associations: int, timeout: fl
             log_dir=work,
         )
         cpu_after = cpu_seconds(server.pid)
+        sample = clock.sample(
+            elapsed,
+            None if cpu_before is None or cpu_after is None else cpu_after - cpu_before,
+        )
         held = indexed_instances(env)
     if held != len(series.files):
         raise ProcessError(f"triage indexed {held} instances, {len(series.files)} were sent")
-    if cpu_before is None or cpu_after is None:
-        return Sample(elapsed)
-    return Sample(elapsed, cpu_after - cpu_before)
+    return sample
 
 
 def measure(
@@ -289,9 +324,14 @@ def measure(
                     )
     count, megabytes = len(series.files), series.total_bytes / 1e6
     results = []
+
+    def per_instance_ms(values: list[float | None]) -> float | None:
+        known = [value for value in values if value is not None]
+        return round(1000 * median(known) / count, 2) if known else None
+
     for (receiver, associations), taken in samples.items():
         values = [sample.seconds for sample in taken]
-        cpu = [sample.cpu_seconds for sample in taken if sample.cpu_seconds is not None]
+        idle = [s.idle_fraction for s in taken if s.idle_fraction is not None]
         middle = median(values)
         results.append(
             Result(
@@ -301,7 +341,10 @@ def measure(
                 median_seconds=round(middle, 3),
                 instances_per_second=round(count / middle, 1),
                 mb_per_second=round(megabytes / middle, 1),
-                cpu_ms_per_instance=round(1000 * median(cpu) / count, 2) if cpu else None,
+                cpu_ms_per_instance=per_instance_ms([s.cpu_seconds for s in taken]),
+                sender_cpu_ms_per_instance=per_instance_ms([s.sender_cpu_seconds for s in taken]),
+                other_cpu_ms_per_instance=per_instance_ms([s.other_cpu_seconds for s in taken]),
+                idle_percent=round(100 * median(idle), 1) if idle else None,
             )
         )
     return results
@@ -369,17 +412,23 @@ def print_text(data: dict[str, Any]) -> None:
     load = data["load_average_1min"]
     print(f"1-min load average: {load['before']:.2f} before, {load['after']:.2f} after")
     print()
+
+    def figure(value: float | None, digits: int = 2) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
     print(
         f"{'receiver':<10}{'assoc':>6}{'median s':>10}{'inst/s':>9}{'MB/s':>8}"
-        f"{'CPU ms/inst':>13}   runs (s)"
+        f"{'CPU ms/inst':>13}{'rest':>7}{'senders':>9}{'idle %':>8}   runs (s)"
     )
     for result in data["results"]:
         runs = " ".join(f"{value:.2f}" for value in result["seconds"])
-        cpu = result["cpu_ms_per_instance"]
         print(
             f"{result['receiver']:<10}{result['associations']:>6}"
             f"{result['median_seconds']:>10.2f}{result['instances_per_second']:>9.0f}"
-            f"{result['mb_per_second']:>8.0f}{'-' if cpu is None else f'{cpu:.1f}':>13}   {runs}"
+            f"{result['mb_per_second']:>8.0f}{figure(result['cpu_ms_per_instance']):>13}"
+            f"{figure(result['other_cpu_ms_per_instance']):>7}"
+            f"{figure(result['sender_cpu_ms_per_instance']):>9}"
+            f"{figure(result['idle_percent'], 0):>8}   {runs}"
         )
     print()
     print("throughput ratio triage/storescp:")
@@ -394,7 +443,10 @@ def print_text(data: dict[str, Any]) -> None:
     print(f"note: {data['note']}")
     print(
         "CPU ms/inst: user+system CPU of the triage serve process during the send, per "
-        "instance (steadier than wall time on a shared machine; not read for storescp)."
+        "instance (steadier than wall time on a shared machine; not read for storescp). "
+        "rest: the whole machine's busy CPU less the senders' (the receiver, storescp's forks "
+        "included, and anything else running), per instance. senders: the storescu "
+        "processes'. idle %: of all cores' time during the send."
     )
 
 
