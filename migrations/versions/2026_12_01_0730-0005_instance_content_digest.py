@@ -3,7 +3,7 @@
 The spool's per-file SHA-256 becomes a digest named by its algorithm ("xxh3-128:<hex>"),
 30x cheaper on the ingest path. Rows already held keep their SHA-256 as "sha256:<hex>" (a value that
 is not 64 characters, left by a downgrade, is kept as it is): an identical re-send of one of
-them is recognised by comparing the files' bytes.
+them is recognised by comparing the files' data sets byte by byte, as every re-send is.
 
 Downgrade strips the "sha256:" prefix again; a row digested by another algorithm keeps its
 value, which the older code compares with a SHA-256 and never finds equal, so a re-send of

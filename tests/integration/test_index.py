@@ -3,7 +3,6 @@ statements on the DBAPI cursor (triage.db.prepared), so each backend's driver is
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,8 @@ from triage.db.base import utcnow
 from triage.db.models import AuditEvent, Instance, InstanceState, Series, Study, StudyStatus
 from triage.db.prepared import Prepared
 from triage.db.session import session_scope
+from triage.dicom.header import data_set_offset
+from triage.dicom.part10 import file_meta
 from triage.ingest.index import StoreOutcome
 from triage.receiver.spool import content_digest
 
@@ -83,40 +84,49 @@ def test_rows_duplicates_versions_and_reopening(
         assert kinds == ["new_version", "study_reopened"]
 
 
-def test_equal_digests_are_confirmed_byte_by_byte_and_sha256_rows_still_match(
+def test_a_resend_is_told_apart_by_its_data_set_byte_for_byte(
     settings: Settings, database_url: str, tmp_path: Path, stack_factory: StackFactory
 ) -> None:
-    """A digest is XXH3, not collision-resistant: the same digest with other bytes is a new
-    version, and a row from before migration 0005 (SHA-256) still recognises a re-send."""
+    """The same data set behind another file meta (another sender, another implementation) is a
+    duplicate; one other byte of pixel data, the size unchanged, is a new version."""
     stack = stack_factory(settings.model_copy(update={"database_url": database_url}))
     sent = ct_study(tmp_path / "in", 1)
     original = sent.paths[0].read_bytes()
-    assert stack.ingestor.ingest(original, calling_ae="CT01", source="test").result.outcome is (
-        StoreOutcome.STORED
+    first = stack.ingestor.ingest(original, calling_ae="CT01", source="test")
+    assert first.result.outcome is StoreOutcome.STORED
+    header = first.header
+
+    data_set = original[data_set_offset(original) :]
+    rewrapped = (
+        file_meta(
+            sop_class_uid=header.sop_class_uid,
+            sop_instance_uid=header.sop_instance_uid,
+            transfer_syntax_uid=header.transfer_syntax_uid,
+            implementation_class_uid="1.2.3.4",
+            implementation_version_name="OTHER_1",
+            source_ae_title="OTHER-PACS",
+        )
+        + data_set
     )
-    uid = str(dcmread(sent.paths[0]).SOPInstanceUID)
+    assert rewrapped != original
+    again = stack.ingestor.ingest(rewrapped, calling_ae="OTHER-PACS", source="test")
+    assert again.result.outcome is StoreOutcome.DUPLICATE
+
     altered = bytearray(original)
     altered[-1] ^= 0xFF  # the last pixel byte: same size, other content
-
-    def set_digest(digest: str) -> None:
-        with session_scope(stack.session_factory) as session:
-            session.execute(update(Instance).where(Instance.version == 1).values(digest=digest))
-
-    set_digest(content_digest(altered))  # as if the two collided
-    collided = stack.ingestor.ingest(bytes(altered), calling_ae="CT01", source="test")
-    assert collided.result.outcome is StoreOutcome.NEW_VERSION
-
-    set_digest("sha256:" + hashlib.sha256(original).hexdigest())  # as migration 0005 leaves it
-    again = stack.ingestor.ingest(original, calling_ae="CT01", source="test")
-    assert again.result.outcome is StoreOutcome.DUPLICATE
+    changed = stack.ingestor.ingest(bytes(altered), calling_ae="CT01", source="test")
+    assert changed.result.outcome is StoreOutcome.NEW_VERSION
     with session_scope(stack.session_factory) as session:
         held = session.execute(
             select(Instance.version, Instance.digest, Instance.file_id)
-            .where(Instance.sop_instance_uid == uid)
+            .where(Instance.sop_instance_uid == header.sop_instance_uid)
             .order_by(Instance.version)
         ).all()
     assert [version for version, _digest, _file in held] == [1, 2]
-    assert held[1][1] == content_digest(altered)
+    assert [digest for _version, digest, _file in held] == [
+        content_digest(original),
+        content_digest(altered),
+    ]
     assert stack.spool.path_for(held[1][2]).read_bytes() == altered
     assert len(list(stack.spool.objects.glob("*/*.dcm"))) == 2  # the duplicate was not kept
 

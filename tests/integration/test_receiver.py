@@ -144,6 +144,9 @@ def test_identical_resend_adds_nothing_and_changed_content_is_a_new_version(
     sent = ct_study(tmp_path / "in", 3)
     assert storescu(receiver.port, *sent.paths) == 0
     assert storescu(receiver.port, *sent.paths) == 0
+    # Through another AE title the stored files differ (the file meta names the sender), the
+    # data sets do not.
+    assert storescu(receiver.port, *sent.paths, calling="OTHER-PACS") == 0
     assert receiver.count(Instance) == 3
     assert len(list(receiver.spool.stored_ids())) == 3
 

@@ -249,6 +249,19 @@ class _Walker:
         return offset
 
 
+def data_set_offset(data: Bytes) -> int:
+    """Where the data set of a DICOM file starts: after its preamble and File Meta Information
+    (0 when it has no preamble or the meta cannot be walked)."""
+    if len(data) < 132 or data[128:132] != b"DICM":
+        return 0
+    try:
+        return _Walker(data, little=True, keep=frozenset()).elements(
+            132, len(data), implicit=False, wanted=None, only_group=0x0002
+        )
+    except (DicomInputError, struct.error):
+        return 0
+
+
 @functools.lru_cache(maxsize=64)
 def _encoding(syntax: str) -> tuple[bool, bool]:
     """(implicit VR, little endian) of a transfer syntax; an unknown one is read as explicit

@@ -15,10 +15,10 @@ from triage.db.models import Instance, InstanceState, Series, Study, StudyStatus
 from triage.db.prepared import Prepared
 from triage.dicom.header import InstanceHeader
 from triage.ingest.audit import add_event
-from triage.receiver.spool import DIGEST_ALGORITHM, SpooledFile
+from triage.receiver.spool import SpooledFile
 
-SameContent = Callable[[str, int], bool]
-"""Whether the spool file with this id and size holds the bytes of the instance being indexed."""
+SameContent = Callable[[str], bool]
+"""Whether the spool file with this id holds the data set of the instance being indexed."""
 
 
 class StoreOutcome(enum.StrEnum):
@@ -38,30 +38,10 @@ class IndexResult:
 # and run on the DBAPI cursor (see triage.db.prepared), in the caller's transaction. The rare
 # inserts of a new study or series stay in Core.
 _VERSIONS = Prepared(
-    select(Instance.version, Instance.digest, Instance.file_id, Instance.size_bytes).where(
+    select(Instance.version, Instance.file_id).where(
         Instance.sop_instance_uid == bindparam("sop_instance_uid")
     )
 )
-_OUR_DIGESTS = f"{DIGEST_ALGORITHM}:"
-
-
-def _held_copy(
-    versions: list[tuple[Any, ...]], spooled: SpooledFile, same_content: SameContent
-) -> bool:
-    """Whether a version already held has the bytes of ``spooled``.
-
-    Equal digests are confirmed byte by byte (XXH3 is not collision-resistant), and a version
-    digested by another algorithm (SHA-256, before migration 0005) is compared the same way.
-    Only a re-send of an instance pays for a comparison.
-    """
-    for _version, digest, file_id, size in versions:
-        if size != spooled.size_bytes:
-            continue
-        if (digest == spooled.digest or not digest.startswith(_OUR_DIGESTS)) and same_content(
-            file_id, size
-        ):
-            return True
-    return False
 
 
 _FILLED_IN = (
@@ -178,7 +158,10 @@ def index_instance(
 ) -> IndexResult:
     """Add the rows for one spooled instance; the caller commits, then answers Success.
 
-    ``same_content`` compares a held version's file with the instance (see ``_held_copy``).
+    An instance whose SOP Instance UID is held already is a duplicate when a held version's
+    file carries the same data set (``same_content``: the file meta aside, which names the
+    sender and the receiving software, so a re-send through another AE title is a duplicate
+    too); the files are compared byte by byte, and only re-sends pay for it.
     A concurrent insert of the same version raises IntegrityError: the caller retries.
     """
     uid = header.sop_instance_uid
@@ -187,7 +170,7 @@ def index_instance(
         {"sop_instance_uid": uid, "series_uid": header.series_uid, "study_uid": header.study_uid},
     )[0]
     versions = _VERSIONS.rows(connection, {"sop_instance_uid": uid}) if held else []
-    if versions and _held_copy(versions, spooled, same_content):
+    if any(same_content(file_id) for _version, file_id in versions):
         return IndexResult(StoreOutcome.DUPLICATE, header.study_uid)
     version = max((row[0] for row in versions), default=0) + 1
     study = dict(zip(_STUDY_COLUMNS, study_values, strict=True))

@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import configure_mappers
 
 from triage.db.base import utcnow
-from triage.dicom.header import Bytes, InstanceHeader, parse_header
+from triage.dicom.header import Bytes, InstanceHeader, data_set_offset, parse_header
 from triage.errors import DatasetMismatchError, OutOfResourcesError
 from triage.ingest.index import IndexResult, StoreOutcome, index_instance
 from triage.metrics import IngestMetrics
@@ -151,17 +151,19 @@ class Ingestor:
         if writer is not None:
             writer.close()
 
-    def _same_content(self, data: Bytes) -> Callable[[str, int], bool]:
-        """Whether a spool file holds exactly ``data`` (a missing or unreadable one does not)."""
+    def _same_content(self, data: Bytes) -> Callable[[str], bool]:
+        """Whether a spool file carries the data set of ``data``, byte for byte, whatever its
+        file meta (a missing or unreadable file does not)."""
+        view = memoryview(data)
+        ours = view[data_set_offset(view) :]
 
-        def same(file_id: str, size: int) -> bool:
-            if size != len(data):
-                return False
+        def same(file_id: str) -> bool:
             try:
-                with open(self.spool.location_for(file_id), "rb") as held:
-                    return held.read(size + 1) == data
+                with open(self.spool.location_for(file_id), "rb") as file:
+                    held = memoryview(file.read())
             except OSError:
                 return False
+            return held[data_set_offset(held) :] == ours
 
         return same
 

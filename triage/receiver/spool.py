@@ -46,11 +46,11 @@ class SpooledFile:
 
 
 DIGEST_ALGORITHM = "xxh3-128"
-"""What ``content_digest`` names its digests with. XXH3 is not cryptographic: a digest tells
-files apart and finds damage, and two files are taken for the same content only after a
-byte-by-byte comparison (see ``triage.ingest.index``). Per 512 KiB CT slice it costs about
-15 us against about 400 us for SHA-256 with the CPU's SHA extensions, on the ingest path
-before Success."""
+"""What ``content_digest`` names its digests with. XXH3 is not cryptographic: the digest is a
+spool file's checksum, to find damage, and nothing is taken for a duplicate on its word (a
+re-send is compared with the held files byte by byte, see ``triage.ingest.index``). Per 512 KiB
+CT slice it costs about 15 us against about 400 us for SHA-256 with the CPU's SHA extensions,
+on the ingest path before Success."""
 
 
 def content_digest(data: bytes | bytearray | memoryview) -> str:
