@@ -249,8 +249,8 @@ class IncomingFile:
 
 
 class _Spares:
-    """Empty temporary files (named by ``temporary_for``) made ahead of need by a thread,
-    ``count`` kept ready."""
+    """Empty temporary files (named by ``temporary_for``, a spool's ``temporary_location_for``)
+    made ahead of need by a thread, ``count`` kept ready."""
 
     def __init__(self, temporary_for: Callable[[str], str], count: int) -> None:
         self._temporary_for = temporary_for
@@ -325,9 +325,6 @@ class Spool:
 
     def path_for(self, file_id: str) -> Path:
         return Path(self.location_for(file_id))
-
-    def temporary_for(self, file_id: str) -> Path:
-        return Path(self.temporary_location_for(file_id))
 
     def location_for(self, file_id: str) -> str:
         """``path_for`` as a string (objects/ab/<id>.dcm): the ingest path's."""
