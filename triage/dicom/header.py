@@ -249,15 +249,26 @@ class _Walker:
         return offset
 
 
-def data_set_offset(data: Bytes) -> int:
-    """Where the data set of a DICOM file starts: after its preamble and File Meta Information
-    (0 when it has no preamble or the meta cannot be walked)."""
+_META_KEPT = frozenset({_TRANSFER_SYNTAX, _SOURCE_AE})
+
+
+def _file_meta(data: Bytes) -> tuple[int, dict[int, bytes]]:
+    """The offset of the data set after the preamble and File Meta Information, and the raw
+    Transfer Syntax UID and Source AE Title found there. Raises DicomInputError."""
     if len(data) < 132 or data[128:132] != b"DICM":
-        return 0
+        raise DicomInputError("no DICOM preamble")
+    meta: dict[int, bytes] = {}
+    offset = _Walker(data, little=True, keep=_META_KEPT).elements(
+        132, len(data), implicit=False, wanted=meta, only_group=0x0002
+    )
+    return offset, meta
+
+
+def data_set_offset(data: Bytes) -> int:
+    """Where the data set of a DICOM file starts (0 when it has no preamble or its File Meta
+    Information cannot be walked)."""
     try:
-        return _Walker(data, little=True, keep=frozenset()).elements(
-            132, len(data), implicit=False, wanted=None, only_group=0x0002
-        )
+        return _file_meta(data)[0]
     except (DicomInputError, struct.error):
         return 0
 
@@ -276,12 +287,7 @@ def _encoding(syntax: str) -> tuple[bool, bool]:
 def _scan(data: Bytes) -> tuple[str, dict[int, bytes]]:
     """The transfer syntax and the raw values of ``_WANTED`` and of the Source AE Title, after
     checking the structure."""
-    if len(data) < 132 or data[128:132] != b"DICM":
-        raise DicomInputError("no DICOM preamble")
-    meta: dict[int, bytes] = {}
-    offset = _Walker(data, little=True, keep=frozenset({_TRANSFER_SYNTAX, _SOURCE_AE})).elements(
-        132, len(data), implicit=False, wanted=meta, only_group=0x0002
-    )
+    offset, meta = _file_meta(data)
     if _TRANSFER_SYNTAX not in meta:  # the only meta element the index needs
         raise DicomInputError("file meta information has no Transfer Syntax UID")
     syntax = uid_text(meta[_TRANSFER_SYNTAX])
