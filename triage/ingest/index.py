@@ -42,8 +42,6 @@ _VERSIONS = Prepared(
         Instance.sop_instance_uid == bindparam("sop_instance_uid")
     )
 )
-
-
 _FILLED_IN = (
     "patient_name",
     "patient_id",

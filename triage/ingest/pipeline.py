@@ -18,7 +18,7 @@ from sqlalchemy.orm import configure_mappers
 from triage.db.base import utcnow
 from triage.dicom.header import Bytes, InstanceHeader, data_set_offset, parse_header
 from triage.errors import DatasetMismatchError, OutOfResourcesError
-from triage.ingest.index import IndexResult, StoreOutcome, index_instance
+from triage.ingest.index import IndexResult, SameContent, StoreOutcome, index_instance
 from triage.metrics import IngestMetrics
 from triage.receiver.spool import IncomingFile, Spool, SpooledFile, content_digest
 
@@ -151,11 +151,10 @@ class Ingestor:
         if writer is not None:
             writer.close()
 
-    def _same_content(self, data: Bytes) -> Callable[[str], bool]:
+    def _same_content(self, data: Bytes) -> SameContent:
         """Whether a spool file carries the data set of ``data``, byte for byte, whatever its
-        file meta (a missing or unreadable file does not)."""
-        view = memoryview(data)
-        ours = view[data_set_offset(view) :]
+        file meta (a missing or unreadable file does not). Only a re-send asks, so nothing is
+        worked out before."""
 
         def same(file_id: str) -> bool:
             try:
@@ -163,7 +162,8 @@ class Ingestor:
                     held = memoryview(file.read())
             except OSError:
                 return False
-            return held[data_set_offset(held) :] == ours
+            ours = memoryview(data)
+            return held[data_set_offset(held) :] == ours[data_set_offset(ours) :]
 
         return same
 
