@@ -262,7 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if progress:
                 print(f"writing phantom {seed} in {root} ...", file=sys.stderr, flush=True)
             paths, series = write_series(root / "series", seed)
-            runs, outcome = [], {}
+            runs: list[dict[str, float]] = []
+            outcome: dict[str, Any] = {}
             for run in range(args.runs + 1):
                 seconds, outcome = one_run(model, paths, series["study_uid"])
                 if run:
