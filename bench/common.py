@@ -216,15 +216,38 @@ def argv_name(process: subprocess.Popen[bytes]) -> str:
     return str(args)
 
 
+def _descendants(pid: int) -> list[int]:
+    """``pid``'s running children, grandchildren and so on (Linux)."""
+    found: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            children = [int(child) for child in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+        for child in children:
+            found += [child, *_descendants(child)]
+    return found
+
+
 def cpu_seconds(pid: int) -> float | None:
-    """User plus system CPU seconds process ``pid`` has used so far (Linux), else None.
+    """User plus system CPU seconds process ``pid`` and its running descendants (receiver
+    processes behind ``triage serve``) have used so far (Linux), else None.
 
     On a shared machine CPU per unit of work is steadier than wall-clock time."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = 0
+    for process in [pid, *_descendants(pid)]:
+        try:
+            fields = Path(f"/proc/{process}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            if process == pid:
+                return None
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def children_cpu_seconds() -> float:

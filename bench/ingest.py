@@ -232,9 +232,12 @@ def _venv_script(name: str) -> str:
     return found
 
 
-def triage_env(data_dir: Path, *, dicom_port: int, http_port: int) -> dict[str, str]:
+def triage_env(
+    data_dir: Path, *, dicom_port: int, http_port: int, processes: int = 1
+) -> dict[str, str]:
     return clean_env(
         {
+            "TRIAGE_DICOM_PROCESSES": str(processes),
             "TRIAGE_DATA_DIR": str(data_dir),
             "TRIAGE_DICOM_HOST": LOOPBACK,
             "TRIAGE_DICOM_PORT": str(dicom_port),
@@ -264,12 +267,14 @@ def indexed_instances(env: dict[str, str]) -> int:
     return int(json.loads(completed.stdout)["instances"])
 
 
-def measure_triage(series: Series, work: Path, *, associations: int, timeout: float) -> Sample:
+def measure_triage(
+    series: Series, work: Path, *, associations: int, timeout: float, processes: int = 1
+) -> Sample:
     """Seconds to send ``series`` to a fresh ``triage serve`` with its own data directory."""
     dicom_port, http_port = free_port(), free_port()
     while http_port == dicom_port:
         http_port = free_port()
-    env = triage_env(work / "data", dicom_port=dicom_port, http_port=http_port)
+    env = triage_env(work / "data", dicom_port=dicom_port, http_port=http_port, processes=processes)
     with running(
         [_venv_script("triage"), "serve"], env=env, log_path=work / "triage.log"
     ) as server:
@@ -296,7 +301,7 @@ def measure_triage(series: Series, work: Path, *, associations: int, timeout: fl
 
 
 def measure(
-    series: Series, root: Path, *, runs: int, timeout: float, progress: bool
+    series: Series, root: Path, *, runs: int, timeout: float, progress: bool, processes: int = 1
 ) -> list[Result]:
     """Every (receiver, associations) case ``runs`` times, interleaved so drift hits all alike."""
     samples: dict[tuple[str, int], list[Sample]] = {
@@ -307,12 +312,22 @@ def measure(
             for receiver in RECEIVERS:
                 work = root / f"run{run}-{receiver}-{associations}"
                 work.mkdir()
-                measure_one = measure_storescp if receiver == "storescp" else measure_triage
                 # Start from a clean page cache: storescp leaves ~160 MB unflushed and the
                 # previous run's files were just deleted; that writeback would otherwise fall
                 # on whichever run comes next.
                 os.sync()
-                sample = measure_one(series, work, associations=associations, timeout=timeout)
+                if receiver == "storescp":
+                    sample = measure_storescp(
+                        series, work, associations=associations, timeout=timeout
+                    )
+                else:
+                    sample = measure_triage(
+                        series,
+                        work,
+                        associations=associations,
+                        timeout=timeout,
+                        processes=processes,
+                    )
                 shutil.rmtree(work, ignore_errors=True)
                 samples[(receiver, associations)].append(sample)
                 if progress:
@@ -382,6 +397,7 @@ def report(
     runs: int,
     workdir: Path,
     load_before: tuple[float, float, float],
+    processes: int = 1,
 ) -> dict[str, Any]:
     return {
         "benchmark": "bench/ingest",
@@ -398,6 +414,7 @@ def report(
         "runs": runs,
         "sender": "storescu, TCP_NODELAY=1, one association per storescu process",
         "storescp_max_pdu": MAX_PDU,
+        "triage_dicom_processes": processes,
         "results": [asdict(result) for result in results],
         "ratios": ratios(results),
         "note": NOTE,
@@ -413,7 +430,7 @@ def print_text(data: dict[str, Any]) -> None:
     )
     print(
         f"sender: {data['sender']}; loopback; storescp --max-pdu {data['storescp_max_pdu']}; "
-        f"median of {data['runs']} runs"
+        f"triage dicom_processes = {data['triage_dicom_processes']}; median of {data['runs']} runs"
     )
     load = data["load_average_1min"]
     print(f"1-min load average: {load['before']:.2f} before, {load['after']:.2f} after")
@@ -470,9 +487,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--workdir", type=Path, default=None, help="where series and receivers write (a temp dir)"
     )
+    parser.add_argument(
+        "--dicom-processes",
+        type=int,
+        default=1,
+        help="triage's dicom_processes setting: receiver processes behind triage serve (1)",
+    )
     args = parser.parse_args(argv)
-    if args.slices < 4 or args.runs < 1:
-        parser.error("--slices must be at least 4 and --runs at least 1")
+    if args.slices < 4 or args.runs < 1 or args.dicom_processes < 1:
+        parser.error("--slices must be at least 4, --runs and --dicom-processes at least 1")
     return args
 
 
@@ -488,9 +511,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"generating {args.slices} slices in {root} ...", file=sys.stderr, flush=True)
         series = generate_series(root / "series", args.slices)
         results = measure(
-            series, root, runs=args.runs, timeout=args.send_timeout, progress=not args.json
+            series,
+            root,
+            runs=args.runs,
+            timeout=args.send_timeout,
+            progress=not args.json,
+            processes=args.dicom_processes,
         )
-        data = report(series, results, args.runs, root, load_before)
+        data = report(series, results, args.runs, root, load_before, args.dicom_processes)
     except (ProcessError, subprocess.SubprocessError, OSError) as exc:
         print(f"bench/ingest failed: {exc}", file=sys.stderr)
         return 1

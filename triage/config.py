@@ -194,6 +194,7 @@ class Settings(BaseSettings):
     dicom_port: Port = 11112
     allowed_callers: list[Caller] = Field(default_factory=list)
     max_associations: Annotated[int, Field(ge=1, le=256)] = 16
+    dicom_processes: Annotated[int, Field(ge=1, le=64)] = 1
     max_pdu_bytes: Annotated[int, Field(ge=0)] = 131072
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
     dimse_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0

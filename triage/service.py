@@ -26,6 +26,7 @@ from triage.ingest.reconcile import reconcile_spool
 from triage.ingest.sweeper import Sweeper
 from triage.metrics import IngestMetrics
 from triage.notify import Notifier
+from triage.receiver.processes import MergedMetrics, ReceiverPool
 from triage.receiver.scp import DicomListener
 from triage.receiver.spool import Spool
 from triage.worklist.service import WorklistClock
@@ -50,7 +51,9 @@ class TriageService:
         self.engine = create_db_engine(settings.database_url)
         self.session_factory = make_session_factory(self.engine)
         self.registry = CollectorRegistry()
-        self.metrics = IngestMetrics(self.registry)
+        # With receiver processes, what they count is added to what this process counts.
+        own = CollectorRegistry() if settings.dicom_processes > 1 else self.registry
+        self.metrics = IngestMetrics(own)
         self.stopping = threading.Event()
         self._http: _HttpServer | None = None
         self.spool = Spool.for_settings(settings)
@@ -63,13 +66,22 @@ class TriageService:
             engine=create_db_engine(settings.database_url, rebuildable=True),
             metrics=self.metrics,
         )
-        self.listener = DicomListener(
-            settings,
-            ingestor=self.ingestor,
-            session_factory=self.session_factory,
-            metrics=self.metrics,
-            on_association_end=self.watcher.association_ended,
-        )
+        self.listener: DicomListener | ReceiverPool
+        if settings.dicom_processes > 1:
+            self.listener = ReceiverPool(
+                settings,
+                config_file=config_file,
+                on_association_end=self.watcher.association_ended,
+            )
+            self.registry.register(MergedMetrics(own, self.listener.samples))
+        else:
+            self.listener = DicomListener(
+                settings,
+                ingestor=self.ingestor,
+                session_factory=self.session_factory,
+                metrics=self.metrics,
+                on_association_end=self.watcher.association_ended,
+            )
         self.sweeper = Sweeper(
             settings,
             self.session_factory,

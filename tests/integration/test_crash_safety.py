@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import xxhash
 from pydicom import dcmread
 from pynetdicom import AE
@@ -25,8 +26,9 @@ EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
 
 @contextmanager
-def serve(data_dir: Path, dicom_port: int, log_file: Path) -> Iterator[int]:
+def serve(data_dir: Path, dicom_port: int, log_file: Path, processes: int) -> Iterator[int]:
     env = {
+        "TRIAGE_DICOM_PROCESSES": str(processes),
         "TRIAGE_DATA_DIR": str(data_dir),
         "TRIAGE_DICOM_PORT": str(dicom_port),
         "TRIAGE_HTTP_PORT": str(free_port()),
@@ -60,14 +62,17 @@ def send(port: int, paths: list[Path], acked: set[str], lock: threading.Lock) ->
         assoc.release()
 
 
-def test_sigkill_mid_send_loses_no_acknowledged_instance(tmp_path: Path, data_dir: Path) -> None:
+@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "receiver-processes"])
+def test_sigkill_mid_send_loses_no_acknowledged_instance(
+    tmp_path: Path, data_dir: Path, processes: int
+) -> None:
     port = free_port()
     series = [ct_study(tmp_path / f"s{i}", 60).paths for i in range(4)]
     uid_of = {p: str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for s in series for p in s}
     acked: set[str] = set()
     lock = threading.Lock()
 
-    with serve(data_dir, port, tmp_path / "serve-1.log") as pid:
+    with serve(data_dir, port, tmp_path / "serve-1.log", processes) as pid:
         senders = [
             threading.Thread(target=send, args=(port, paths, acked, lock)) for paths in series
         ]
@@ -80,7 +85,7 @@ def test_sigkill_mid_send_loses_no_acknowledged_instance(tmp_path: Path, data_di
     acknowledged_before_crash = set(acked)
     assert 40 <= len(acknowledged_before_crash) < 240, "the kill did not land mid-send"
 
-    with serve(data_dir, port, tmp_path / "serve-2.log"):
+    with serve(data_dir, port, tmp_path / "serve-2.log", processes):
         for paths in series:
             unsent = [p for p in paths if uid_of[p] not in acked]
             send(port, unsent, acked, lock)
@@ -101,4 +106,4 @@ def test_sigkill_mid_send_loses_no_acknowledged_instance(tmp_path: Path, data_di
         data = (spool / row.file_id[:2] / f"{row.file_id}.dcm").read_bytes()
         assert row.digest == "xxh3-128:" + xxhash.xxh3_128(data).hexdigest()
     assert len(list(spool.glob("*/*.dcm"))) == len(rows)  # no stray files either
-    assert list((data_dir / "spool" / "tmp").iterdir()) == []
+    assert [p for p in (data_dir / "spool" / "tmp").rglob("*") if p.is_file()] == []

@@ -4,7 +4,9 @@ parse the header, spool durably, commit the index rows. Success is owed only aft
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -47,6 +49,7 @@ class Ingestor:
         engine: Engine,
         metrics: IngestMetrics,
         on_stored: Callable[[Ingested, str | None], None] | None = None,
+        writers_lock: Path | None = None,
     ) -> None:
         self.spool = spool
         self.engine = engine
@@ -57,6 +60,14 @@ class Ingestor:
         # transaction takes a connection from the pool.
         self._one_writer = engine.dialect.name == "sqlite"
         self._writer_lock = threading.Lock()
+        # Receiver processes on one SQLite database queue on a lock file the same way: a
+        # blocked flock() returns as soon as the holder lets go, where SQLite's busy handler
+        # sleeps 1, 2, 5 ms... between looks.
+        self._writers_fd = (
+            os.open(writers_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            if writers_lock is not None and self._one_writer
+            else None
+        )
         self._writer: Connection | None = None
         self.metrics = metrics
         self.on_stored = on_stored
@@ -141,15 +152,26 @@ class Ingestor:
             writer = self._writer
             if writer is None or writer.closed or writer.invalidated:
                 writer = self._writer = self.engine.connect()
-            with writer.begin():
-                yield writer
+            if self._writers_fd is None:
+                with writer.begin():
+                    yield writer
+                return
+            fcntl.flock(self._writers_fd, fcntl.LOCK_EX)
+            try:
+                with writer.begin():
+                    yield writer
+            finally:
+                fcntl.flock(self._writers_fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         """Give back the connection held for SQLite (the engine is the caller's to dispose)."""
         with self._writer_lock:
             writer, self._writer = self._writer, None
+            fd, self._writers_fd = self._writers_fd, None
         if writer is not None:
             writer.close()
+        if fd is not None:
+            os.close(fd)
 
     def _same_content(self, data: Bytes) -> SameContent:
         """Whether a spool file carries the data set of ``data``, byte for byte, whatever its

@@ -8,6 +8,7 @@ named DIMSE status.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -253,11 +254,13 @@ class DicomListener:
             lambda: self._server.active_count() if self._server is not None else 0
         )
 
-    def start(self) -> None:
+    def start(self, *, listen: bool = True) -> None:
+        """Listen on the DICOM port; or, with ``listen=False``, serve only the connections
+        handed over with ``adopt`` (a receiver process behind ``triage serve``)."""
         settings = self.settings
         tls = server_tls_context(settings.tls) if settings.tls else None
         self._server = AcceptorServer(
-            (settings.dicom_host, settings.dicom_port),
+            (settings.dicom_host, settings.dicom_port) if listen else None,
             settings=AcceptorSettings(
                 max_pdu_bytes=settings.max_pdu_bytes,
                 network_timeout=settings.network_timeout_seconds,
@@ -271,10 +274,24 @@ class DicomListener:
         )
         self.ingestor.spool.keep_ready(SPARE_FILES)
         self._server.start()
-        log.info(
-            "DICOM listener started",
-            extra={"ae_title": settings.ae_title, "port": self.port, "tls": tls is not None},
-        )
+        if listen:
+            log.info(
+                "DICOM listener started",
+                extra={"ae_title": settings.ae_title, "port": self.port, "tls": tls is not None},
+            )
+
+    def adopt(
+        self,
+        sock: socket.socket,
+        address: tuple[str, int],
+        *,
+        others_active: int,
+        on_closed: Callable[[], None],
+    ) -> None:
+        """Serve a connection accepted by another process (see ``triage.receiver.processes``)."""
+        if self._server is None:
+            raise ValueError("listener not started")
+        self._server.adopt(sock, address, others_active=others_active, on_closed=on_closed)
 
     @property
     def port(self) -> int:

@@ -300,10 +300,12 @@ class Spool:
 
     FREE_SPACE_CHECK_SECONDS = 1.0
 
-    def __init__(self, root: Path, *, min_free_bytes: int) -> None:
+    def __init__(self, root: Path, *, min_free_bytes: int, tmp_subdir: str | None = None) -> None:
         self.root = root
         self.objects = root / "objects"
-        self.tmp = root / "tmp"
+        # A receiver process writes into tmp/<its own>/: processes creating and renaming
+        # files in one directory queue on its lock.
+        self.tmp = root / "tmp" / tmp_subdir if tmp_subdir else root / "tmp"
         self.quarantine_dir = root / "quarantine"
         self.min_free_bytes = min_free_bytes
         for directory in (self.objects, self.tmp, self.quarantine_dir):
@@ -318,9 +320,11 @@ class Spool:
         self._directories: _OpenDirectories | None = None
 
     @classmethod
-    def for_settings(cls, settings: Settings) -> Spool:
+    def for_settings(cls, settings: Settings, *, tmp_subdir: str | None = None) -> Spool:
         return cls(
-            settings.data_dir / "spool", min_free_bytes=settings.spool_min_free_mb * 1024 * 1024
+            settings.data_dir / "spool",
+            min_free_bytes=settings.spool_min_free_mb * 1024 * 1024,
+            tmp_subdir=tmp_subdir,
         )
 
     def path_for(self, file_id: str) -> Path:
@@ -399,7 +403,7 @@ class Spool:
     def clear_tmp(self) -> int:
         """Delete partial writes left by a crash; they were never acknowledged."""
         count = 0
-        for path in self.tmp.glob("*.part"):
+        for path in self.tmp.glob("**/*.part"):  # receiver processes' tmp/<n>/ too
             path.unlink(missing_ok=True)
             count += 1
         return count

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol
@@ -281,10 +281,14 @@ class Association:
         peer: Peer,
         *,
         server: AcceptorServer,
+        others_active: int | None = None,
     ) -> None:
         self.sock = sock
         self.peer = peer
         self.server = server
+        # Associations open elsewhere when this one began (another process counted them);
+        # None: the server's own count.
+        self._others_active = others_active
         self.settings = server.settings
         self.policy = server.policy
         announced = self.settings.max_pdu_bytes
@@ -462,9 +466,10 @@ class Association:
         negotiation = self.server.negotiation(_PDU_HEADER.pack(pdu_type, len(body)) + body)
         self.peer.calling_ae = negotiation.calling_ae
         self.peer.called_ae = negotiation.called_ae
-        refusal = negotiation.refusal or self.policy.check(
-            self.peer, self.server.active_count() - 1
-        )
+        others = self._others_active
+        if others is None:
+            others = self.server.active_count() - 1
+        refusal = negotiation.refusal or self.policy.check(self.peer, others)
         if refusal is not None:
             self._send(
                 _pdu(
@@ -617,12 +622,43 @@ class Association:
             self._send(_p_data(context_id, 0x03 if last else 0x01, response[start : start + room]))
 
 
+def accept_connections(
+    listening: socket.socket,
+    stopping: threading.Event,
+    take: Callable[[socket.socket, tuple[str, int]], None],
+) -> None:
+    """Accept until ``stopping`` is set; each connection, with TCP_NODELAY, goes to ``take``."""
+    while not stopping.is_set():
+        try:
+            sock, address = listening.accept()
+        except OSError:
+            if stopping.is_set():
+                return
+            time.sleep(0.05)  # e.g. out of file descriptors: do not spin
+            continue
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        take(sock, (str(address[0]), int(address[1])))
+
+
+def stop_listening(listening: socket.socket | None) -> None:
+    """Close a listening socket, waking the thread blocked in its accept()."""
+    if listening is None:
+        return
+    with contextlib.suppress(OSError):
+        listening.shutdown(socket.SHUT_RDWR)
+    listening.close()
+
+
 class AcceptorServer:
-    """Accepts TCP connections and runs each association in its own thread."""
+    """Accepts TCP connections and runs each association in its own thread.
+
+    With no ``address`` it listens nowhere and runs the connections another process accepted
+    and handed over (``adopt``).
+    """
 
     def __init__(
         self,
-        address: tuple[str, int],
+        address: tuple[str, int] | None,
         *,
         settings: AcceptorSettings,
         policy: AcceptorPolicy,
@@ -633,7 +669,7 @@ class AcceptorServer:
         self.policy = policy
         self.contexts = contexts
         self.tls = tls
-        self._socket = socket.create_server(address, backlog=64)
+        self._socket = socket.create_server(address, backlog=64) if address is not None else None
         self._lock = threading.Lock()
         self._active: dict[int, tuple[threading.Thread, socket.socket]] = {}
         self._stopping = threading.Event()
@@ -643,6 +679,8 @@ class AcceptorServer:
 
     @property
     def port(self) -> int:
+        if self._socket is None:
+            raise ValueError("this server does not listen")
         return int(self._socket.getsockname()[1])
 
     def active_count(self) -> int:
@@ -669,41 +707,53 @@ class AcceptorServer:
             return found
 
     def start(self) -> None:
-        self._thread.start()
+        if self._socket is not None:
+            self._thread.start()
 
     def _accept_loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                sock, address = self._socket.accept()
-            except OSError:
-                if self._stopping.is_set():
-                    return
-                time.sleep(0.05)  # e.g. out of file descriptors: do not spin
-                continue
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            peer = Peer(address=str(address[0]), port=int(address[1]))
-            association = Association(sock, peer, server=self)
-            thread = threading.Thread(
-                target=self._run, args=(association,), name=f"dicom-{address[0]}", daemon=True
-            )
-            with self._lock:
-                self._active[id(association)] = (thread, sock)
-            thread.start()
+        assert self._socket is not None
+        accept_connections(self._socket, self._stopping, self.adopt)
 
-    def _run(self, association: Association) -> None:
+    def adopt(
+        self,
+        sock: socket.socket,
+        address: tuple[str, int],
+        *,
+        others_active: int | None = None,
+        on_closed: Callable[[], None] | None = None,
+    ) -> None:
+        """Run an accepted connection as an association, in a thread of its own.
+
+        ``others_active`` counts the associations open elsewhere for the limit (default: this
+        server's); ``on_closed`` is called when the connection is done with.
+        """
+        peer = Peer(address=address[0], port=address[1])
+        association = Association(sock, peer, server=self, others_active=others_active)
+        thread = threading.Thread(
+            target=self._run,
+            args=(association, on_closed),
+            name=f"dicom-{address[0]}",
+            daemon=True,
+        )
+        with self._lock:
+            self._active[id(association)] = (thread, sock)
+        thread.start()
+
+    def _run(self, association: Association, on_closed: Callable[[], None] | None) -> None:
         try:
             association.run()
         finally:
             with self._lock:
                 self._active.pop(id(association), None)
+            if on_closed is not None:
+                on_closed()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop accepting, end the open associations, and wait for their threads."""
         self._stopping.set()
-        with contextlib.suppress(OSError):
-            self._socket.shutdown(socket.SHUT_RDWR)
-        self._socket.close()
-        self._thread.join(timeout)
+        stop_listening(self._socket)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
         with self._lock:
             active = list(self._active.values())
         for _thread, sock in active:
