@@ -11,6 +11,10 @@ class ConfigError(TriageError):
     """The configuration cannot be used; the message names the field and the reason."""
 
 
+class DataDirInUseError(TriageError):
+    """Another ``triage serve`` holds the data directory."""
+
+
 class RetryableError(TriageError):
     """A failure that may go away by itself (a PACS that is down, a busy database)."""
 

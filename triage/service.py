@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ from triage.config import Settings
 from triage.db import migrate
 from triage.db.session import create_db_engine, make_session_factory
 from triage.embedded import LocalWorkers
+from triage.errors import DataDirInUseError
 from triage.ingest.completion import StudyCompletionWatcher
 from triage.ingest.pipeline import Ingestor
 from triage.ingest.reconcile import reconcile_spool
@@ -40,6 +43,23 @@ class _HttpServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+def hold_data_dir(data_dir: Path) -> int:
+    """Lock ``data_dir/serve.lock`` for the life of this process (the descriptor returned).
+
+    A second ``triage serve`` on the same directory would delete the first one's partial
+    spool files at start-up and reconcile the spool under its feet; it is refused instead.
+    Raises DataDirInUseError.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / "serve.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DataDirInUseError(f"another triage serve is using {data_dir}") from None
+    return fd
 
 
 class TriageService:
@@ -110,6 +130,14 @@ class TriageService:
 
     def run(self) -> None:
         """Upgrade the schema, then serve until SIGINT or SIGTERM (exit status 0)."""
+        settings = self.settings
+        held = hold_data_dir(settings.data_dir)
+        try:
+            self._serve()
+        finally:
+            os.close(held)
+
+    def _serve(self) -> None:
         settings = self.settings
         migrate.upgrade(self.engine)
         reconcile_spool(ingestor=self.ingestor, session_factory=self.session_factory)

@@ -56,6 +56,38 @@ def test_serve_answers_health_and_metrics(tmp_path: Path, data_dir: Path) -> Non
     assert (data_dir / "triage.sqlite").exists()
 
 
+def test_second_serve_on_the_same_data_dir_is_refused(tmp_path: Path, data_dir: Path) -> None:
+    def env() -> dict[str, str]:
+        return {
+            "TRIAGE_DATA_DIR": str(data_dir),
+            "TRIAGE_HTTP_PORT": str(free_port()),
+            "TRIAGE_DICOM_PORT": str(free_port()),
+            "TRIAGE_WORKERS": "0",
+        }
+
+    first = env()
+    with running(
+        [str(VENV_BIN / "triage"), "serve"],
+        env=first,
+        log_file=tmp_path / "serve.log",
+        ready=lambda: port_open(int(first["TRIAGE_HTTP_PORT"])),
+    ):
+        second = subprocess.run(
+            [str(VENV_BIN / "triage"), "serve"],
+            env={**os.environ, **env(), "COLUMNS": "200"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert second.returncode == 1
+        assert f"another triage serve is using {data_dir}" in second.stderr
+        assert "Traceback" not in second.stderr
+        url = f"http://127.0.0.1:{first['TRIAGE_HTTP_PORT']}/healthz"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            assert reply.status == 200
+
+
 def test_worker_consumes_from_redis(tmp_path: Path, data_dir: Path, redis_url: str) -> None:
     env = {"TRIAGE_DATA_DIR": str(data_dir), "TRIAGE_BROKER_URL": redis_url}
     client = Celery(broker=redis_url, set_as_current=False)

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from triage import __version__
-from triage.cli.common import ConfigOption, load_settings
+from triage.cli.common import ConfigOption, fail, load_settings
 
 app = typer.Typer(
     name="triage",
@@ -56,12 +56,16 @@ def serve(
     in data_dir and local worker processes, nothing else to install. The database schema is
     upgraded on start.
     """
+    from triage.errors import DataDirInUseError
     from triage.service import TriageService
 
     settings = load_settings(config)
     if workers is not None:
         settings = settings.model_copy(update={"workers": workers})
-    TriageService(settings, config_file=config).run()
+    try:
+        TriageService(settings, config_file=config).run()
+    except DataDirInUseError as exc:
+        fail(str(exc))
 
 
 @app.command(
