@@ -152,16 +152,21 @@ class Ingestor:
             writer = self._writer
             if writer is None or writer.closed or writer.invalidated:
                 writer = self._writer = self.engine.connect()
-            if self._writers_fd is None:
-                with writer.begin():
-                    yield writer
-                return
-            fcntl.flock(self._writers_fd, fcntl.LOCK_EX)
-            try:
-                with writer.begin():
-                    yield writer
-            finally:
-                fcntl.flock(self._writers_fd, fcntl.LOCK_UN)
+            with self._other_processes(), writer.begin():
+                yield writer
+
+    @contextlib.contextmanager
+    def _other_processes(self) -> Iterator[None]:
+        """The writers' lock file held, where receiver processes share the database."""
+        fd = self._writers_fd
+        if fd is None:
+            yield
+            return
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         """Give back the connection held for SQLite (the engine is the caller's to dispose)."""
