@@ -44,6 +44,8 @@ log = logging.getLogger("triage.receiver.processes")  # also when run as __main_
 
 METRICS_SECONDS = 0.5
 """How often a receiver process reports its metrics."""
+SUPERVISE_SECONDS = 0.5
+"""How often ``triage serve`` looks for receiver processes that exited."""
 MESSAGE_BYTES = 1 << 20
 """The largest control message read (a metrics report is a few KiB)."""
 RESTART_SECONDS = (1.0, 30.0)
@@ -190,7 +192,7 @@ class ReceiverPool:
 
     def _supervise(self) -> None:
         failures = 0
-        while not self._stopping.wait(METRICS_SECONDS):
+        while not self._stopping.wait(SUPERVISE_SECONDS):
             for position, child in enumerate(list(self._children)):
                 status = child.process.poll()
                 if status is None or self._stopping.is_set():
