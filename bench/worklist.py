@@ -62,15 +62,9 @@ from triage.api.app import create_app
 from triage.api.tokens import create_token
 from triage.config import Settings
 from triage.db import migrate
-from triage.db.models import (
-    ReadingState,
-    Study,
-    StudyStatus,
-    Tier,
-    TokenRole,
-    WorkState,
-)
+from triage.db.models import Study
 from triage.db.session import SessionFactory, create_db_engine, make_session_factory, session_scope
+from triage.domain import ReadingState, StudyStatus, Tier, TokenRole, WorkState
 from triage.worklist.policy import (
     AnalysisState,
     FindingSignal,

@@ -22,7 +22,7 @@ from triage.db.session import SessionFactory, create_db_engine, make_session_fac
 from triage.ingest.pipeline import Ingestor
 from triage.metrics import IngestMetrics
 from triage.receiver.scp import AssociationEnded, DicomListener
-from triage.receiver.spool import Spool
+from triage.storage.spool import Spool
 
 IN_CI = os.environ.get("CI") == "true"
 POSTGRES_URL = os.environ.get(

@@ -8,7 +8,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from triage.config import Destination, DicomWebDestination, DimseDestination, Settings
-from triage.db.models import Peer, PeerKind
+from triage.db.models import Peer
+from triage.domain import PeerKind
 
 AnyDestination = DimseDestination | DicomWebDestination
 _ADAPTER: TypeAdapter[AnyDestination] = TypeAdapter(Destination)

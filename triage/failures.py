@@ -9,9 +9,10 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from triage.audit import add_event
 from triage.db.base import utcnow
-from triage.db.models import Delivery, Job, ResultObject, Study, StudyStatus, WorkState
-from triage.ingest.audit import add_event
+from triage.db.models import Delivery, Job, ResultObject, Study
+from triage.domain import StudyStatus, WorkState
 
 
 @dataclass(frozen=True)

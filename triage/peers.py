@@ -9,10 +9,10 @@ import urllib.request
 from pynetdicom import AE, evt
 
 from triage.config import DicomWebDestination, DimseDestination
-from triage.dicom.net import set_nodelay
 from triage.errors import DestinationUnavailableError
 from triage.results.senders.dimse import client_tls_context
 from triage.results.senders.stow import auth_headers, https_opener, redacted_url
+from triage.sockets import set_nodelay
 
 VERIFICATION = "1.2.840.10008.1.1"
 

@@ -31,7 +31,7 @@ from triage.metrics import IngestMetrics
 from triage.notify import Notifier
 from triage.receiver.processes import MergedMetrics, ReceiverPool
 from triage.receiver.scp import DicomListener
-from triage.receiver.spool import Spool
+from triage.storage.spool import Spool
 from triage.worklist.service import WorklistClock
 
 log = logging.getLogger(__name__)

@@ -15,21 +15,13 @@ import numpy as np
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from triage.audit import add_event
 from triage.config import Settings
 from triage.db.base import utcnow
-from triage.db.models import (
-    Finding,
-    Instance,
-    InstanceState,
-    Job,
-    Series,
-    Study,
-    StudyStatus,
-    WorkState,
-)
+from triage.db.models import Finding, Instance, Job, Series, Study
 from triage.db.session import session_scope
+from triage.domain import InstanceState, StudyStatus, WorkState
 from triage.errors import PermanentError
-from triage.ingest.audit import add_event
 from triage.worklist.service import refresh
 from workers.context import WorkerContext
 from workers.models.interface import LoadedModel, ModelOutput

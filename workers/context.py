@@ -13,7 +13,7 @@ from sqlalchemy import Engine
 from triage.broker import TaskSender
 from triage.config import Settings
 from triage.db.session import SessionFactory, create_db_engine, make_session_factory
-from triage.receiver.spool import Spool
+from triage.storage.spool import Spool
 from workers.models.registry import ModelRegistry
 
 

@@ -14,13 +14,14 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from triage.audit import add_event
 from triage.config import Settings
 from triage.db.base import utcnow
-from triage.db.models import Delivery, DestinationState, WorkState
+from triage.db.models import Delivery, DestinationState
 from triage.db.session import session_scope
 from triage.destinations import destinations
+from triage.domain import WorkState
 from triage.errors import DestinationUnavailableError, PermanentError
-from triage.ingest.audit import add_event
 from triage.results.senders import send_files
 from workers.context import WorkerContext
 

@@ -17,13 +17,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from triage.db.base import utcnow
-from triage.db.models import Delivery, Job, ResultKind, ResultObject, WorkState
+from triage.db.models import Delivery, Job, ResultObject
 from triage.destinations import destinations
 from triage.dicom import uids
-from triage.receiver.spool import write_durably
+from triage.domain import ResultKind, WorkState
 from triage.results.inputs import CT_HEAD, AlgorithmIdentity, FindingInput, ResultInput
 from triage.results.seg import build_segmentation
 from triage.results.sr import build_sr
+from triage.storage.spool import write_durably
 from workers.context import WorkerContext
 from workers.models.interface import DetectedFinding, LoadedModel, ModelOutput
 from workers.volume import Volume

@@ -33,8 +33,9 @@ from tests.conftest import free_port, service_missing
 from tests.helpers.instances import SentStudy, ct_study
 from tests.helpers.process import VENV_BIN, port_open, running, wait_for
 from triage.db.base import utcnow
-from triage.db.models import Finding, Job, Study, WorkState
+from triage.db.models import Finding, Job, Study
 from triage.db.session import create_db_engine, make_session_factory, session_scope
+from triage.domain import WorkState
 from triage.worklist.policy import PolicyConfig
 from triage.worklist.service import reprioritize
 

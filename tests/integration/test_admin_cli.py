@@ -16,8 +16,9 @@ from tests.helpers.instances import radiograph
 from tests.helpers.process import run_admin
 from triage.config import Settings
 from triage.db.base import utcnow
-from triage.db.models import Delivery, Job, ResultKind, ResultObject, WorkState
+from triage.db.models import Delivery, Job, ResultObject
 from triage.db.session import session_scope
+from triage.domain import ResultKind, WorkState
 from triage.ingest.completion import StudyCompletionWatcher
 
 

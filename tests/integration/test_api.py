@@ -16,8 +16,9 @@ from triage.api.app import create_app
 from triage.api.tokens import create_token
 from triage.config import Settings
 from triage.db.base import utcnow
-from triage.db.models import Finding, Job, Study, StudyStatus, TokenRole, WorkState
+from triage.db.models import Finding, Job, Study
 from triage.db.session import SessionFactory, make_session_factory, session_scope
+from triage.domain import StudyStatus, TokenRole, WorkState
 from triage.worklist.policy import PolicyConfig
 from triage.worklist.service import reprioritize
 

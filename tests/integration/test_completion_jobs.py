@@ -14,8 +14,9 @@ from triage.broker import TaskSender, broker_url, queue_depths
 from triage.catalog import ModelDescription
 from triage.config import RoutingRule, Settings
 from triage.db.base import utcnow
-from triage.db.models import AuditEvent, Job, Study, StudyStatus, WorkState
+from triage.db.models import AuditEvent, Job, Study
 from triage.db.session import session_scope
+from triage.domain import StudyStatus, WorkState
 from triage.ingest.completion import StudyCompletionWatcher
 from triage.ingest.sweeper import Sweeper
 

@@ -15,10 +15,11 @@ from tests.conftest import StackFactory
 from tests.helpers.instances import ct_study
 from tests.helpers.process import run_admin
 from triage.config import Settings
-from triage.db.models import AuditEvent, Instance, InstanceState
+from triage.db.models import AuditEvent, Instance
 from triage.db.session import create_db_engine, session_scope
+from triage.domain import InstanceState
 from triage.ingest.reconcile import Reconciliation, reconcile_spool
-from triage.receiver.spool import Spool, SpooledFile
+from triage.storage.spool import Spool, SpooledFile
 
 
 def admin(settings: Settings, *argv: str) -> subprocess.CompletedProcess[str]:

@@ -14,13 +14,14 @@ from tests.conftest import StackFactory
 from tests.helpers.instances import ct_study
 from triage.config import Settings
 from triage.db.base import utcnow
-from triage.db.models import AuditEvent, Instance, InstanceState, Series, Study, StudyStatus
+from triage.db.models import AuditEvent, Instance, Series, Study
 from triage.db.prepared import Prepared
 from triage.db.session import session_scope
 from triage.dicom.header import data_set_offset
 from triage.dicom.part10 import file_meta
+from triage.domain import InstanceState, StudyStatus
 from triage.ingest.index import StoreOutcome
-from triage.receiver.spool import content_digest
+from triage.storage.spool import content_digest
 
 
 def test_rows_duplicates_versions_and_reopening(

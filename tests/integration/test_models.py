@@ -16,8 +16,9 @@ from tests.helpers.instances import radiograph
 from tests.helpers.process import VENV_BIN
 from triage.config import Settings
 from triage.db.base import utcnow
-from triage.db.models import AuditEvent, Finding, Job, ResultObject, Study, StudyStatus, WorkState
+from triage.db.models import AuditEvent, Finding, Job, ResultObject, Study
 from triage.db.session import session_scope
+from triage.domain import StudyStatus, WorkState
 from triage.ingest.completion import StudyCompletionWatcher
 from workers.analysis import analyze
 from workers.context import WorkerContext

@@ -30,16 +30,9 @@ from tests.conftest import IngestStack, StackFactory, free_port
 from tests.helpers.instances import ct_study
 from triage.config import Settings
 from triage.db.base import utcnow
-from triage.db.models import (
-    AuditEvent,
-    Finding,
-    Job,
-    Notification,
-    Study,
-    StudyStatus,
-    WorkState,
-)
+from triage.db.models import AuditEvent, Finding, Job, Notification, Study
 from triage.db.session import session_scope
+from triage.domain import StudyStatus, WorkState
 from triage.notify import Notifier
 from triage.notify.hl7 import message_control_id
 from triage.notify.notifier import FAILED_EVENT

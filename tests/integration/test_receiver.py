@@ -27,13 +27,14 @@ from tests.helpers.instances import (
 )
 from tests.helpers.process import wait_for
 from triage.config import Settings
-from triage.db.models import AuditEvent, Instance, Study, StudyStatus
+from triage.db.models import AuditEvent, Instance, Study
 from triage.db.session import SessionFactory, session_scope
 from triage.dicom import status
-from triage.dicom.net import set_nodelay
+from triage.domain import StudyStatus
 from triage.ingest.completion import StudyCompletionWatcher
 from triage.receiver.scp import DicomListener
-from triage.receiver.spool import Spool
+from triage.sockets import set_nodelay
+from triage.storage.spool import Spool
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 

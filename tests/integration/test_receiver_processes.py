@@ -19,8 +19,9 @@ from tests.conftest import free_port
 from tests.helpers.dul import RawAssociation
 from tests.helpers.instances import ct_study
 from tests.helpers.process import VENV_BIN, port_open, running, wait_for
-from triage.db.models import Instance, Study, StudyStatus
+from triage.db.models import Instance, Study
 from triage.db.session import create_db_engine, make_session_factory, session_scope
+from triage.domain import StudyStatus
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"

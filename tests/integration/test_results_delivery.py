@@ -14,8 +14,9 @@ from tests.helpers.orthanc import OrthancFactory, OrthancPeer
 from tests.helpers.phantoms import phantom_study
 from triage.config import DicomWebDestination, DimseDestination, Settings
 from triage.db.base import utcnow
-from triage.db.models import Delivery, DestinationState, Job, ResultObject, WorkState
+from triage.db.models import Delivery, DestinationState, Job, ResultObject
 from triage.db.session import SessionFactory, session_scope
+from triage.domain import WorkState
 from triage.ingest.completion import StudyCompletionWatcher
 from triage.ingest.reprocess import reprocess_by_uid
 from workers.analysis import analyze

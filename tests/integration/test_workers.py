@@ -18,8 +18,9 @@ from tests.helpers.process import VENV_BIN, port_open, running, wait_for
 from triage.broker import TaskSender
 from triage.config import Settings
 from triage.db.base import utcnow
-from triage.db.models import Finding, Job, Study, StudyStatus, WorkState
+from triage.db.models import Finding, Job, Study
 from triage.db.session import SessionFactory, create_db_engine, make_session_factory, session_scope
+from triage.domain import StudyStatus, WorkState
 from triage.ingest.completion import StudyCompletionWatcher
 
 pytestmark = pytest.mark.slow

@@ -8,19 +8,9 @@ from sqlalchemy import select
 
 from triage.config import Settings
 from triage.db.base import utcnow
-from triage.db.models import (
-    Finding,
-    Job,
-    Notification,
-    PriorityChange,
-    ReadingState,
-    Study,
-    StudyStatus,
-    Tier,
-    WorklistEntry,
-    WorkState,
-)
+from triage.db.models import Finding, Job, Notification, PriorityChange, Study, WorklistEntry
 from triage.db.session import SessionFactory, session_scope
+from triage.domain import ReadingState, StudyStatus, Tier, WorkState
 from triage.worklist.policy import PolicyConfig
 from triage.worklist.service import WorklistClock, reprioritize
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from triage.receiver.spool import Spool
+from triage.storage.spool import Spool
 
 
 def _parts(spool: Spool) -> set[str]:

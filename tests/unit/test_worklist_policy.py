@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from triage.db.models import Tier
+from triage.domain import Tier
 from triage.worklist.policy import (
     REASON_MAX_CHARS,
     AnalysisState,

@@ -12,8 +12,8 @@ from sqlalchemy.orm import Session
 
 from triage.api.tokens import verify_token
 from triage.config import Settings
-from triage.db.models import TokenRole
 from triage.db.session import session_scope
+from triage.domain import TokenRole
 
 _bearer = HTTPBearer(auto_error=False)
 EVENTS_PATH = "/api/events"

@@ -16,8 +16,9 @@ from sqlalchemy.orm import Session
 
 from triage.api.deps import EVENTS_PATH, AdminCaller, AnyCaller, AppSettings, DbSession
 from triage.db.base import utcnow
-from triage.db.models import ReadingState, Study, Tier, TokenRole, WorklistEntry
+from triage.db.models import Study, WorklistEntry
 from triage.db.session import session_scope
+from triage.domain import ReadingState, Tier, TokenRole
 from triage.ingest.reprocess import ReprocessError, reprocess_by_uid
 from triage.worklist.queries import study_record, worklist
 

@@ -10,7 +10,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from triage.db.base import utcnow
-from triage.db.models import ApiToken, TokenRole
+from triage.db.models import ApiToken
+from triage.domain import TokenRole
 
 LAST_USED_STEP = timedelta(minutes=1)
 TOKEN_PREFIX = "trg_"  # noqa: S105 - a label that makes leaked tokens easy to spot

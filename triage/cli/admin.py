@@ -33,8 +33,8 @@ from triage.ingest.pipeline import Ingestor
 from triage.ingest.reprocess import ReprocessError, reprocess_by_uid
 from triage.ingest.sources import import_sources
 from triage.metrics import IngestMetrics
-from triage.receiver.spool import Spool
 from triage.status import StatusReport, collect_status
+from triage.storage.spool import Spool
 
 app = typer.Typer(
     name="triage-admin",

@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from triage.cli.common import ConfigOption, JsonOption, fail, load_settings
 from triage.config import DimseDestination, Settings
-from triage.db.models import Peer, PeerKind
+from triage.db.models import Peer
 from triage.db.session import (
     SessionFactory,
     create_db_engine,
@@ -21,6 +21,7 @@ from triage.db.session import (
     session_scope,
 )
 from triage.destinations import AnyDestination, destinations, parse_destination
+from triage.domain import PeerKind
 from triage.errors import DestinationUnavailableError
 
 console = Console(highlight=False)

@@ -12,8 +12,8 @@ from rich.table import Table
 from triage.api.tokens import create_token, revoke_token
 from triage.cli.common import ConfigOption, JsonOption, fail, load_settings
 from triage.db.base import utcnow
-from triage.db.models import TokenRole
 from triage.db.session import create_db_engine, make_session_factory, session_scope
+from triage.domain import TokenRole
 from triage.worklist.queries import study_record, worklist
 
 console = Console(highlight=False)

@@ -6,7 +6,6 @@ component group (five groups and separators fit in 324).
 
 from __future__ import annotations
 
-import enum
 from datetime import datetime
 from typing import Any
 
@@ -26,58 +25,19 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from triage.db.base import Base, UTCDateTime, enum_type, utcnow
+from triage.domain import (
+    InstanceState,
+    PeerKind,
+    ReadingState,
+    ResultKind,
+    StudyStatus,
+    Tier,
+    TokenRole,
+    WorkState,
+)
 
 UID = String(64)
 AE = String(16)
-
-
-class StudyStatus(enum.StrEnum):
-    RECEIVING = "receiving"
-    COMPLETE = "complete"
-    ANALYZING = "analyzing"
-    ANALYZED = "analyzed"
-    FAILED = "failed"
-
-
-class InstanceState(enum.StrEnum):
-    STORED = "stored"
-    MISSING = "missing"  # indexed, but its spool file was not found at reconciliation
-
-
-class WorkState(enum.StrEnum):
-    """State of a job or a delivery."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-
-
-class ResultKind(enum.StrEnum):
-    SEG = "seg"
-    SR = "sr"
-
-
-class Tier(enum.StrEnum):
-    CRITICAL = "critical"
-    URGENT = "urgent"
-    ROUTINE = "routine"
-
-
-class ReadingState(enum.StrEnum):
-    UNREAD = "unread"
-    CLAIMED = "claimed"
-    READ = "read"
-
-
-class PeerKind(enum.StrEnum):
-    DIMSE = "dimse"
-    DICOMWEB = "dicomweb"
-
-
-class TokenRole(enum.StrEnum):
-    RADIOLOGIST = "radiologist"
-    ADMIN = "admin"
 
 
 def _created() -> Mapped[datetime]:
@@ -143,7 +103,7 @@ class Instance(Base):
     transfer_syntax_uid: Mapped[str] = mapped_column(UID)
     file_id: Mapped[str] = mapped_column(String(36), unique=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
-    # "<algorithm>:<hex>" of the spool file (triage.receiver.spool.content_digest); rows from
+    # "<algorithm>:<hex>" of the spool file (triage.storage.spool.content_digest); rows from
     # before migration 0005 carry "sha256:<hex>".
     digest: Mapped[str] = mapped_column(String(80))
     instance_number: Mapped[int | None] = mapped_column(Integer)

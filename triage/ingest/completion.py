@@ -14,12 +14,13 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from triage.audit import add_event
 from triage.catalog import ModelDescription, usable_models
 from triage.config import Settings
 from triage.db.base import utcnow
-from triage.db.models import Instance, Series, Study, StudyStatus
+from triage.db.models import Instance, Series, Study
 from triage.db.session import SessionFactory, session_scope
-from triage.ingest.audit import add_event
+from triage.domain import StudyStatus
 from triage.ingest.jobs import queue_jobs
 from triage.ingest.routing import StudyFacts, select_models
 from triage.worklist.service import policy_config, reprioritize

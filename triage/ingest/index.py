@@ -11,11 +11,12 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, exists, insert, literal_column, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from triage.db.models import Instance, InstanceState, Series, Study, StudyStatus
+from triage.audit import add_event
+from triage.db.models import Instance, Series, Study
 from triage.db.prepared import Prepared
 from triage.dicom.header import InstanceHeader
-from triage.ingest.audit import add_event
-from triage.receiver.spool import SpooledFile
+from triage.domain import InstanceState, StudyStatus
+from triage.storage.spool import SpooledFile
 
 SameContent = Callable[[str], bool]
 """Whether the spool file with this id holds the data set of the instance being indexed."""

@@ -7,10 +7,11 @@ from collections.abc import Iterable
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from triage.audit import add_event
 from triage.catalog import ModelDescription
 from triage.db.base import utcnow
-from triage.db.models import Job, Study, StudyStatus, WorkState
-from triage.ingest.audit import add_event
+from triage.db.models import Job, Study
+from triage.domain import StudyStatus, WorkState
 
 
 def queue_jobs(

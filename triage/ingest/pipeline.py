@@ -22,7 +22,7 @@ from triage.dicom.header import Bytes, InstanceHeader, data_set_offset, parse_he
 from triage.errors import DatasetMismatchError, OutOfResourcesError
 from triage.ingest.index import IndexResult, SameContent, StoreOutcome, index_instance
 from triage.metrics import IngestMetrics
-from triage.receiver.spool import IncomingFile, Spool, SpooledFile, content_digest
+from triage.storage.spool import IncomingFile, Spool, SpooledFile, content_digest
 
 log = logging.getLogger(__name__)
 

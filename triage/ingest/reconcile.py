@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 from sqlalchemy import select, update
 
-from triage.db.models import Instance, InstanceState, Series, Study
+from triage.audit import add_event
+from triage.db.models import Instance, Series, Study
 from triage.db.session import SessionFactory, session_scope
+from triage.domain import InstanceState
 from triage.errors import DicomInputError
-from triage.ingest.audit import add_event
 from triage.ingest.pipeline import Ingestor
 
 log = logging.getLogger(__name__)

@@ -14,11 +14,12 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import or_, select
 
+from triage.audit import add_event
 from triage.config import Settings
 from triage.db.base import utcnow
-from triage.db.models import Delivery, Job, Study, WorkState
+from triage.db.models import Delivery, Job, Study
 from triage.db.session import SessionFactory, session_scope
-from triage.ingest.audit import add_event
+from triage.domain import WorkState
 
 log = logging.getLogger(__name__)
 

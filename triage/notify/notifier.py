@@ -31,12 +31,13 @@ from typing import Any, Protocol, cast
 from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
+from triage.audit import add_event
 from triage.config import Settings
 from triage.db.base import utcnow
-from triage.db.models import Notification, Study, WorkState
+from triage.db.models import Notification, Study
 from triage.db.session import SessionFactory, session_scope
+from triage.domain import WorkState
 from triage.errors import PermanentError, RetryableError
-from triage.ingest.audit import add_event
 
 log = logging.getLogger(__name__)
 

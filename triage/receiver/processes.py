@@ -338,14 +338,20 @@ def child_main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
 
     # Imported here: the parent imports this module for ReceiverPool without all of this.
-    from triage.cli.common import load_settings
     from triage.db.session import create_db_engine, make_session_factory
+    from triage.errors import ConfigError
     from triage.ingest.pipeline import Ingestor
+    from triage.logs import configure_logging
     from triage.metrics import IngestMetrics
     from triage.receiver.scp import DicomListener
-    from triage.receiver.spool import Spool
+    from triage.storage.spool import Spool
 
-    settings = load_settings(args.config)
+    try:
+        settings = Settings.load(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
     control = socket.socket(fileno=args.control_fd)
 
     def send(message: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pynetdicom import AllStoragePresentationContexts
 
 from triage import __version__
+from triage.audit import record_rejection
 from triage.config import Settings, TlsFiles
 from triage.db.session import SessionFactory
 from triage.dicom import status
@@ -23,11 +24,9 @@ from triage.dicom.dimse import Command
 from triage.dicom.part10 import file_meta
 from triage.dicom.uids import IMPLEMENTATION_CLASS_UID, implementation_version_name, is_valid_uid
 from triage.errors import DatasetMismatchError, DicomInputError, OutOfResourcesError
-from triage.ingest.audit import record_rejection
 from triage.ingest.pipeline import Ingestor
 from triage.metrics import IngestMetrics
 from triage.receiver.policy import CallerPolicy
-from triage.receiver.spool import IncomingFile
 from triage.receiver.upper import (
     CALLED_AE_NOT_RECOGNISED,
     CALLING_AE_NOT_RECOGNISED,
@@ -40,6 +39,7 @@ from triage.receiver.upper import (
     rejection,
     supported_contexts,
 )
+from triage.storage.spool import IncomingFile
 
 log = logging.getLogger(__name__)
 

@@ -53,7 +53,7 @@ from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import TypeVar
 
-from triage.db.models import Tier
+from triage.domain import Tier
 
 # Most urgent first: a tier's position here is its tier_rank.
 TIERS: tuple[Tier, ...] = (Tier.CRITICAL, Tier.URGENT, Tier.ROUTINE)

@@ -13,13 +13,12 @@ from triage.db.models import (
     Delivery,
     Job,
     PriorityChange,
-    ReadingState,
     ResultObject,
     Series,
     Study,
-    Tier,
     WorklistEntry,
 )
+from triage.domain import ReadingState, Tier
 
 
 @dataclass(frozen=True)

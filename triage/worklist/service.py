@@ -15,18 +15,9 @@ from sqlalchemy.orm import Session
 from triage.catalog import ModelDescription, usable_models
 from triage.config import Settings
 from triage.db.base import utcnow
-from triage.db.models import (
-    Finding,
-    Job,
-    Notification,
-    PriorityChange,
-    ReadingState,
-    Study,
-    StudyStatus,
-    WorklistEntry,
-    WorkState,
-)
+from triage.db.models import Finding, Job, Notification, PriorityChange, Study, WorklistEntry
 from triage.db.session import SessionFactory, session_scope
+from triage.domain import ReadingState, StudyStatus, WorkState
 from triage.worklist.policy import (
     AnalysisState,
     FindingSignal,

@@ -25,9 +25,9 @@ from pynetdicom import AE, build_context, evt
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from triage.config import DimseDestination, TlsFiles
-from triage.dicom.net import set_nodelay
 from triage.errors import DestinationUnavailableError, PermanentError, TriageError
 from triage.results.senders.base import ResultFile, sends
+from triage.sockets import set_nodelay
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,58 @@
+"""The states and kinds the whole system shares, free of the database and the network.
+
+The ORM (``triage.db.models``) stores them; the pure policy (``triage.worklist.policy``), the API
+and the CLI use them without importing SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class StudyStatus(enum.StrEnum):
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    ANALYZING = "analyzing"
+    ANALYZED = "analyzed"
+    FAILED = "failed"
+
+
+class InstanceState(enum.StrEnum):
+    STORED = "stored"
+    MISSING = "missing"  # indexed, but its spool file was not found at reconciliation
+
+
+class WorkState(enum.StrEnum):
+    """State of a job or a delivery."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class ResultKind(enum.StrEnum):
+    SEG = "seg"
+    SR = "sr"
+
+
+class Tier(enum.StrEnum):
+    CRITICAL = "critical"
+    URGENT = "urgent"
+    ROUTINE = "routine"
+
+
+class ReadingState(enum.StrEnum):
+    UNREAD = "unread"
+    CLAIMED = "claimed"
+    READ = "read"
+
+
+class PeerKind(enum.StrEnum):
+    DIMSE = "dimse"
+    DICOMWEB = "dicomweb"
+
+
+class TokenRole(enum.StrEnum):
+    RADIOLOGIST = "radiologist"
+    ADMIN = "admin"

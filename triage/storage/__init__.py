@@ -1,0 +1,1 @@
+"""Durable storage shared by the receiver, the ingest path and the workers."""
