@@ -33,6 +33,12 @@ from triage.errors import ConfigError
 
 CONFIG_ENV_VAR = "TRIAGE_CONFIG"
 
+RENAMED_SETTINGS = {
+    "delivery_backoff_seconds": "retry_backoff_seconds",
+    "delivery_backoff_max_seconds": "retry_backoff_max_seconds",
+}
+"""Old setting name -> new one (the old name still works)."""
+
 # PS3.5 6.2: an AE title is 1-16 characters of the default repertoire, no backslash or control
 # characters, and not only spaces.
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
@@ -54,7 +60,7 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Caller(_Model):
+class AllowedCaller(_Model):
     """A calling AE allowed to associate; ``host`` pins it to one address."""
 
     ae_title: AETitle
@@ -192,7 +198,7 @@ class Settings(BaseSettings):
     ae_title: AETitle = "TRIAGE"
     dicom_host: str = "0.0.0.0"  # noqa: S104 - a PACS on another host must reach us
     dicom_port: Port = 11112
-    allowed_callers: list[Caller] = Field(default_factory=list)
+    allowed_callers: list[AllowedCaller] = Field(default_factory=list)
     max_associations: Annotated[int, Field(ge=1, le=256)] = 16
     dicom_processes: Annotated[int, Field(ge=1, le=64)] = 1
     max_pdu_bytes: Annotated[int, Field(ge=0)] = 131072
@@ -221,14 +227,19 @@ class Settings(BaseSettings):
     job_resend_seconds: Annotated[float, Field(gt=0)] = 300.0
     job_timeout_seconds: Annotated[float, Field(gt=0)] = 1800.0
 
+    # Retries (triage.retry): every retry of a job, a delivery or a notification waits about
+    # retry_backoff_seconds, doubled each attempt up to retry_backoff_max_seconds, with jitter.
+    # A job that fails job_max_attempts times with a retryable error is failed.
+    retry_backoff_seconds: Annotated[float, Field(gt=0)] = 5.0
+    retry_backoff_max_seconds: Annotated[float, Field(gt=0)] = 600.0
+    job_max_attempts: Annotated[int, Field(ge=1)] = 6
+
     # Results and routing
     destinations: list[Destination] = Field(default_factory=list)
-    # A failed delivery is retried with exponential backoff (and jitter) up to a cap; after
-    # delivery_max_attempts it becomes a failure for `triage-admin failures`. A destination that
-    # fails destination_pause_after_failures times in a row is paused, the others keep flowing.
+    # After delivery_max_attempts a delivery (or a notification) becomes a failure for
+    # `triage-admin failures`. A destination that fails destination_pause_after_failures times
+    # in a row is paused, the others keep flowing.
     delivery_max_attempts: Annotated[int, Field(ge=1)] = 10
-    delivery_backoff_seconds: Annotated[float, Field(gt=0)] = 5.0
-    delivery_backoff_max_seconds: Annotated[float, Field(gt=0)] = 600.0
     destination_pause_after_failures: Annotated[int, Field(ge=1)] = 3
     destination_pause_seconds: Annotated[float, Field(ge=0)] = 120.0
     models_dir: Path | None = None
@@ -252,6 +263,20 @@ class Settings(BaseSettings):
     hl7_receiving_facility: str = "HOSPITAL"
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        """Settings that were renamed keep working under their old names (file and
+        environment); the new name wins where both are given."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for old, new in RENAMED_SETTINGS.items():
+            value = data.pop(old, os.environ.get(f"TRIAGE_{old.upper()}"))
+            if value is not None and new not in data:
+                data[new] = value
+        return data
 
     @model_validator(mode="after")
     def _derive_paths(self) -> Settings:

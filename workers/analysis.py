@@ -6,6 +6,7 @@ never appended; a result for a round that was superseded meanwhile is discarded.
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from dataclasses import dataclass
@@ -31,6 +32,20 @@ from workers.volume import SeriesRequirements, describe_series, fits, load_volum
 log = logging.getLogger(__name__)
 
 
+class JobOutcome(enum.StrEnum):
+    """How one run of ``analyze_study`` ended (also the Celery task's result)."""
+
+    DONE = "done"
+    SUPERSEDED = "superseded"  # a newer round was queued meanwhile: this run's result is dropped
+    MISSING = "missing"  # no such job (deleted with its study)
+    ALREADY_DONE = "already done"
+    ALREADY_FAILED = "already failed"
+    FAILED = "failed"
+
+
+_SETTLED = {WorkState.DONE: JobOutcome.ALREADY_DONE, WorkState.FAILED: JobOutcome.ALREADY_FAILED}
+
+
 @dataclass(frozen=True)
 class Claim:
     job_id: int
@@ -41,13 +56,13 @@ class Claim:
     series: dict[str, list[str]]  # series UID -> file ids of its latest instance versions
 
 
-def claim(db_session: Session, job_id: int) -> Claim | str:
+def claim(db_session: Session, job_id: int) -> Claim | JobOutcome:
     """Mark the job running and gather what the run needs; or say why there is nothing to do."""
     job = db_session.get(Job, job_id)
     if job is None:
-        return "missing"
-    if job.state in (WorkState.DONE, WorkState.FAILED):
-        return f"already {job.state}"
+        return JobOutcome.MISSING
+    if (settled := _SETTLED.get(job.state)) is not None:
+        return settled
     now = utcnow()
     job.state = WorkState.RUNNING
     job.started_at = job.touched_at = now
@@ -111,10 +126,12 @@ def store(
     output: ModelOutput,
     mask_ref: str | None,
     timings: dict[str, float],
-) -> str:
+) -> JobOutcome:
+    """Replace the job's findings with ``output``'s and mark it done (DONE), unless its round
+    was superseded meanwhile (SUPERSEDED: nothing written)."""
     job = db_session.get(Job, work.job_id)
     if job is None or job.round != work.round:
-        return "superseded"
+        return JobOutcome.SUPERSEDED
     db_session.execute(delete(Finding).where(Finding.job_id == job.id))
     for ordinal, finding in enumerate(output.findings):
         location = None
@@ -142,7 +159,7 @@ def store(
     job.series_uid = series_uid
     job.timings = {stage: round(seconds, 4) for stage, seconds in timings.items()}
     job.finished_at = job.touched_at = now
-    return "done"
+    return JobOutcome.DONE
 
 
 def settle_and_rank(db_session: Session, study: Study, settings: Settings) -> None:
@@ -166,11 +183,11 @@ def settle_study(db_session: Session, study: Study) -> None:
     study.status_reason = f"{failed} of {len(states)} models failed" if failed else None
 
 
-def analyze(context: WorkerContext, job_id: int) -> str:
+def analyze(context: WorkerContext, job_id: int) -> JobOutcome:
     """Run one job to the end. Raises RetryableError or PermanentError on failure."""
     with session_scope(context.session_factory) as session:
         work = claim(session, job_id)
-    if isinstance(work, str):
+    if isinstance(work, JobOutcome):
         log.info("nothing to do: %s", work, extra={"job_id": job_id})
         return work
     timings: dict[str, float] = {}
@@ -197,7 +214,7 @@ def analyze(context: WorkerContext, job_id: int) -> str:
     delivery_ids: list[int] = []
     with session_scope(context.session_factory) as session:
         outcome = store(session, work, series_uid, output, mask_ref, timings)
-        if outcome == "done":
+        if outcome is JobOutcome.DONE:
             job = session.get(Job, work.job_id)
             assert job is not None
             if objects is not None:
@@ -228,7 +245,7 @@ def analyze(context: WorkerContext, job_id: int) -> str:
     return outcome
 
 
-def fail(context: WorkerContext, job_id: int, reason: str, *, final: bool) -> None:
+def record_job_failure(context: WorkerContext, job_id: int, reason: str, *, final: bool) -> None:
     """Record a failure on the job: final (failed) or before a retry (queued again)."""
     with session_scope(context.session_factory) as session:
         job = session.get(Job, job_id)

@@ -6,8 +6,8 @@ delivery that runs out of attempts becomes a failure an administrator can list a
 
 from __future__ import annotations
 
+import enum
 import logging
-import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -15,7 +15,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from triage.audit import add_event
-from triage.config import Settings
 from triage.db.base import utcnow
 from triage.db.models import Delivery, DestinationState
 from triage.db.session import session_scope
@@ -23,27 +22,36 @@ from triage.destinations import destinations
 from triage.domain import WorkState
 from triage.errors import DestinationUnavailableError, PermanentError
 from triage.results.senders import send_files
+from triage.retry import Backoff
 from workers.context import WorkerContext
 
 log = logging.getLogger(__name__)
+
+
+class DeliveryOutcome(enum.StrEnum):
+    """How one run of ``dispatch_result`` ended."""
+
+    DONE = "done"
+    RETRYING = "retrying"  # failed, may succeed later: queued again after a backoff
+    PAUSED = "paused"  # the destination is paused: not attempted, queued again for its end
+    FAILED = "failed"  # for good: listed by `triage-admin failures`
+    MISSING = "missing"  # no such delivery (deleted with its study)
+    ALREADY_DONE = "already done"
+    ALREADY_FAILED = "already failed"
+
+
+_SETTLED = {
+    WorkState.DONE: DeliveryOutcome.ALREADY_DONE,
+    WorkState.FAILED: DeliveryOutcome.ALREADY_FAILED,
+}
 
 
 @dataclass(frozen=True)
 class Outcome:
     """What happened, and when to try again (None: nothing more to do)."""
 
-    state: str
+    state: DeliveryOutcome
     retry_in: float | None = None
-
-
-def backoff_seconds(settings: Settings, attempt: int, *, rng: random.Random | None = None) -> float:
-    """Exponential backoff, capped, with jitter over its upper half: attempt 1 waits up to the
-    base delay."""
-    ceiling = min(
-        settings.delivery_backoff_max_seconds,
-        settings.delivery_backoff_seconds * 2 ** (attempt - 1),
-    )
-    return (rng or random.Random()).uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter
 
 
 def _state(db_session: Session, name: str) -> DestinationState:
@@ -68,16 +76,16 @@ def dispatch(context: WorkerContext, delivery_id: int) -> Outcome:
     with session_scope(context.session_factory) as session:
         delivery = session.get(Delivery, delivery_id)
         if delivery is None:
-            return Outcome("missing")
-        if delivery.state in (WorkState.DONE, WorkState.FAILED):
-            return Outcome(f"already {delivery.state}")
+            return Outcome(DeliveryOutcome.MISSING)
+        if (settled := _SETTLED.get(delivery.state)) is not None:
+            return Outcome(settled)
         destination = destinations(settings, db_session=session).get(delivery.destination)
         if destination is None:
-            _fail(session, delivery, "destination is no longer configured")
-            return Outcome("failed")
+            _give_up(session, delivery, "destination is no longer configured")
+            return Outcome(DeliveryOutcome.FAILED)
         if (wait := _paused_for(session, delivery.destination, now)) is not None:
             delivery.next_attempt_at = delivery.touched_at = now + timedelta(seconds=wait)
-            return Outcome("paused", wait)
+            return Outcome(DeliveryOutcome.PAUSED, wait)
         delivery.state = WorkState.RUNNING
         delivery.attempts += 1
         delivery.touched_at = now
@@ -104,10 +112,10 @@ def dispatch(context: WorkerContext, delivery_id: int) -> Outcome:
         "result delivered",
         extra={"study_uid": study_uid, "destination": delivery.destination, "attempt": attempt},
     )
-    return Outcome("done")
+    return Outcome(DeliveryOutcome.DONE)
 
 
-def _fail(db_session: Session, delivery: Delivery, reason: str) -> None:
+def _give_up(db_session: Session, delivery: Delivery, reason: str) -> None:
     delivery.state = WorkState.FAILED
     delivery.last_error = reason[:2000]
     delivery.touched_at = utcnow()
@@ -141,12 +149,12 @@ def _after_failure(
             extra={"destination": delivery.destination, "attempt": attempt, "retry": retryable},
         )
         if not retryable or attempt >= settings.delivery_max_attempts:
-            _fail(session, delivery, reason)
-            return Outcome("failed")
-        wait = backoff_seconds(settings, attempt)
+            _give_up(session, delivery, reason)
+            return Outcome(DeliveryOutcome.FAILED)
+        wait = Backoff.from_settings(settings).delay(attempt)
         if state.paused_until is not None:
             wait = max(wait, (state.paused_until - now).total_seconds())
         delivery.state = WorkState.QUEUED
         delivery.last_error = reason[:2000]
         delivery.next_attempt_at = delivery.touched_at = now + timedelta(seconds=wait)
-        return Outcome("retrying", wait)
+        return Outcome(DeliveryOutcome.RETRYING, wait)

@@ -20,7 +20,7 @@ from triage.db.session import session_scope
 from triage.dicom.header import data_set_offset
 from triage.dicom.part10 import file_meta
 from triage.domain import InstanceState, StudyStatus
-from triage.ingest.index import StoreOutcome
+from triage.ingest.index import IndexOutcome
 from triage.storage.spool import content_digest
 
 
@@ -33,7 +33,7 @@ def test_rows_duplicates_versions_and_reopening(
     first = [
         stack.ingestor.ingest(p.read_bytes(), calling_ae="CT01", source="test") for p in sent.paths
     ]
-    assert [i.result.outcome for i in first] == [StoreOutcome.STORED] * 2
+    assert [i.result.outcome for i in first] == [IndexOutcome.STORED] * 2
 
     with session_scope(stack.session_factory) as session:
         study = session.scalars(select(Study)).one()
@@ -55,7 +55,7 @@ def test_rows_duplicates_versions_and_reopening(
 
     # The same bytes again: a duplicate, nothing added.
     again = stack.ingestor.ingest(sent.paths[0].read_bytes(), calling_ae="CT01", source="test")
-    assert again.result.outcome is StoreOutcome.DUPLICATE
+    assert again.result.outcome is IndexOutcome.DUPLICATE
 
     # Completed, then other content under the same SOP Instance UID: a new version that
     # re-opens the study, both recorded.
@@ -68,7 +68,7 @@ def test_rows_duplicates_versions_and_reopening(
     changed_path = tmp_path / "changed.dcm"
     changed.save_as(changed_path, enforce_file_format=True)
     late = stack.ingestor.ingest(changed_path.read_bytes(), calling_ae="CT02", source="test")
-    assert late.result.outcome is StoreOutcome.NEW_VERSION
+    assert late.result.outcome is IndexOutcome.NEW_VERSION
     assert late.result.reopened
 
     with session_scope(stack.session_factory) as session:
@@ -94,7 +94,7 @@ def test_a_resend_is_told_apart_by_its_data_set_byte_for_byte(
     sent = ct_study(tmp_path / "in", 1)
     original = sent.paths[0].read_bytes()
     first = stack.ingestor.ingest(original, calling_ae="CT01", source="test")
-    assert first.result.outcome is StoreOutcome.STORED
+    assert first.result.outcome is IndexOutcome.STORED
     header = first.header
 
     data_set = original[data_set_offset(original) :]
@@ -111,12 +111,12 @@ def test_a_resend_is_told_apart_by_its_data_set_byte_for_byte(
     )
     assert rewrapped != original
     again = stack.ingestor.ingest(rewrapped, calling_ae="OTHER-PACS", source="test")
-    assert again.result.outcome is StoreOutcome.DUPLICATE
+    assert again.result.outcome is IndexOutcome.DUPLICATE
 
     altered = bytearray(original)
     altered[-1] ^= 0xFF  # the last pixel byte: same size, other content
     changed = stack.ingestor.ingest(bytes(altered), calling_ae="CT01", source="test")
-    assert changed.result.outcome is StoreOutcome.NEW_VERSION
+    assert changed.result.outcome is IndexOutcome.NEW_VERSION
     with session_scope(stack.session_factory) as session:
         held = session.execute(
             select(Instance.version, Instance.digest, Instance.file_id)

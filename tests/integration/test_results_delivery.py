@@ -105,7 +105,7 @@ def test_pacs_outage_backs_off_then_delivers_once_and_reprocess_keeps_uids(
             "destinations": [
                 DimseDestination(ae_title="ORTHANC", host="127.0.0.1", port=pacs.dicom_port)
             ],
-            "delivery_backoff_seconds": 0.5,
+            "retry_backoff_seconds": 0.5,
             "destination_pause_after_failures": 2,
             "destination_pause_seconds": 30,
         }

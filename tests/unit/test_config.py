@@ -121,3 +121,15 @@ def test_example_configuration_loads() -> None:
     example = Path(__file__).parents[2] / "deploy" / "triage.example.toml"
     settings = Settings.load(example)
     assert settings.routing_rules[0].models == ["ct-head-hyperdensity"]
+
+
+def test_renamed_backoff_settings_are_still_read_from_the_file_and_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "triage.toml"
+    config.write_text("delivery_backoff_seconds = 2.5\n")
+    assert Settings.load(config).retry_backoff_seconds == 2.5
+    monkeypatch.setenv("TRIAGE_DELIVERY_BACKOFF_MAX_SECONDS", "90")
+    assert Settings.load(config).retry_backoff_max_seconds == 90
+    monkeypatch.setenv("TRIAGE_RETRY_BACKOFF_MAX_SECONDS", "30")  # the new name wins
+    assert Settings.load(config).retry_backoff_max_seconds == 30

@@ -7,12 +7,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from triage.dicom import uids
-from triage.dicom.uids import ResultKind
+from triage.dicom.uids import ResultUid
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 
 
-def _result_uid(kind: str | ResultKind = ResultKind.SEG_INSTANCE, **overrides: str) -> str:
+def _result_uid(kind: str | ResultUid = ResultUid.SEG_INSTANCE, **overrides: str) -> str:
     fields = {"study_uid": STUDY, "model_name": "ich-detector", "model_version": "1.0.0"}
     fields.update(overrides)
     return uids.result_uid(kind=kind, **fields)
@@ -26,7 +26,7 @@ def test_result_uid_is_deterministic_and_under_the_uuid_arc() -> None:
 
 
 def test_result_uid_accepts_the_kind_as_text() -> None:
-    assert _result_uid("sr-series") == _result_uid(ResultKind.SR_SERIES)
+    assert _result_uid("sr-series") == _result_uid(ResultUid.SR_SERIES)
     with pytest.raises(ValueError, match="not-a-kind"):
         _result_uid("not-a-kind")
 
@@ -44,7 +44,7 @@ def test_result_uid_changes_with_each_field(overrides: dict[str, str]) -> None:
 
 
 def test_every_kind_has_its_own_uid() -> None:
-    assert len({_result_uid(kind) for kind in ResultKind}) == len(ResultKind)
+    assert len({_result_uid(kind) for kind in ResultUid}) == len(ResultUid)
 
 
 def test_fields_do_not_run_into_each_other() -> None:
@@ -113,9 +113,9 @@ def test_invalid_uids(value: str) -> None:
     assert not uids.is_valid_uid(value)
 
 
-@given(study=st.text(), model=st.text(), version=st.text(), kind=st.sampled_from(ResultKind))
+@given(study=st.text(), model=st.text(), version=st.text(), kind=st.sampled_from(ResultUid))
 def test_result_uid_is_always_a_valid_uid(
-    study: str, model: str, version: str, kind: ResultKind
+    study: str, model: str, version: str, kind: ResultUid
 ) -> None:
     assert uids.is_valid_uid(
         uids.result_uid(study_uid=study, model_name=model, model_version=version, kind=kind)

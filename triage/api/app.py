@@ -6,7 +6,7 @@ import threading
 from importlib.resources import files
 
 from fastapi import FastAPI, Response
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
@@ -14,6 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from triage import __version__
 from triage.api.deps import AnyCaller
 from triage.api.routes import router
+from triage.api.schemas import Health, Unhealthy
 from triage.broker import TaskSender
 from triage.config import Settings
 from triage.db.session import SessionFactory, session_scope
@@ -41,19 +42,23 @@ def create_app(
     app.include_router(router)
     page = files("triage.api").joinpath("static/worklist.html").read_text()
 
-    @app.get("/healthz", tags=["operations"])
-    def healthz() -> JSONResponse:
+    @app.get(
+        "/healthz",
+        tags=["operations"],
+        response_model=Health,
+        responses={503: {"model": Unhealthy, "description": "The database does not answer."}},
+    )
+    def healthz() -> Health | JSONResponse:
         """200 when the database answers; 503 otherwise. Needs no token."""
         try:
             with session_scope(session_factory) as session:
                 session.execute(text("SELECT 1"))
         except SQLAlchemyError as exc:
-            return JSONResponse(
-                {"status": "unavailable", "database": type(exc).__name__}, status_code=503
-            )
-        return JSONResponse({"status": "ok", "version": __version__})
+            down = Unhealthy(database=type(exc).__name__)
+            return JSONResponse(down.model_dump(), status_code=503)
+        return Health(version=__version__)
 
-    @app.get("/metrics", tags=["operations"])
+    @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
     def metrics(caller: AnyCaller) -> Response:
         """Prometheus exposition of triage's counters and gauges."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -34,7 +34,9 @@ AppSettings = Annotated[Settings, Depends(settings)]
 
 
 @dataclass(frozen=True)
-class Caller:
+class ApiCaller:
+    """Who called the HTTP API: the name and role of their token."""
+
     name: str
     role: TokenRole
 
@@ -42,7 +44,7 @@ class Caller:
 def _authenticate(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Caller:
+) -> ApiCaller:
     token = credentials.credentials if credentials else None
     if token is None and request.url.path == EVENTS_PATH:
         token = request.query_params.get("token")  # EventSource cannot send headers
@@ -60,13 +62,13 @@ def _authenticate(
                 "unknown or revoked token",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        return Caller(row.name, row.role)
+        return ApiCaller(row.name, row.role)
 
 
-def require(*roles: TokenRole) -> Callable[..., Caller]:
+def require(*roles: TokenRole) -> Callable[..., ApiCaller]:
     """A dependency admitting callers whose token has one of ``roles``."""
 
-    def check(caller: Annotated[Caller, Depends(_authenticate)]) -> Caller:
+    def check(caller: Annotated[ApiCaller, Depends(_authenticate)]) -> ApiCaller:
         if caller.role not in roles:
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"needs role {' or '.join(roles)}")
         return caller
@@ -74,5 +76,5 @@ def require(*roles: TokenRole) -> Callable[..., Caller]:
     return check
 
 
-AnyCaller = Annotated[Caller, Depends(require(TokenRole.RADIOLOGIST, TokenRole.ADMIN))]
-AdminCaller = Annotated[Caller, Depends(require(TokenRole.ADMIN))]
+AnyCaller = Annotated[ApiCaller, Depends(require(TokenRole.RADIOLOGIST, TokenRole.ADMIN))]
+AdminCaller = Annotated[ApiCaller, Depends(require(TokenRole.ADMIN))]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from datetime import timedelta
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
@@ -14,13 +14,23 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from triage.api.deps import EVENTS_PATH, AdminCaller, AnyCaller, AppSettings, DbSession
+from triage.api.deps import (
+    EVENTS_PATH,
+    AdminCaller,
+    AnyCaller,
+    ApiCaller,
+    AppSettings,
+    DbSession,
+)
+from triage.api.schemas import Problem, ReadingStatus, Reprocessing
 from triage.db.base import utcnow
-from triage.db.models import Study, WorklistEntry
+from triage.db.models import WorklistEntry
 from triage.db.session import session_scope
 from triage.domain import ReadingState, Tier, TokenRole
 from triage.ingest.reprocess import ReprocessError, reprocess_by_uid
+from triage.worklist import reading
 from triage.worklist.queries import study_record, worklist
+from triage.worklist.records import StudyRecord, TargetMinutes, WorklistPage
 
 router = APIRouter(prefix="/api", tags=["worklist"])
 
@@ -38,7 +48,7 @@ def get_worklist(
     modality: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
-) -> dict[str, Any]:
+) -> WorklistPage:
     """Studies to read, most urgent first. By default unread and claimed ones."""
     states = tuple(state) if state else (ReadingState.UNREAD, ReadingState.CLAIMED)
     items = worklist(
@@ -50,23 +60,22 @@ def get_worklist(
         offset=offset,
     )
     now = utcnow()
-    return {
-        "items": [
-            item.as_json(now=now, viewer_url_template=settings.viewer_url_template)
-            for item in items
+    return WorklistPage(
+        items=[
+            item.row(now=now, viewer_url_template=settings.viewer_url_template) for item in items
         ],
-        "limit": limit,
-        "offset": offset,
-        "targets_minutes": {
-            "critical": settings.critical_target_minutes,
-            "urgent": settings.urgent_target_minutes,
-            "routine": settings.routine_target_minutes,
-        },
-    }
+        limit=limit,
+        offset=offset,
+        targets_minutes=TargetMinutes(
+            critical=settings.critical_target_minutes,
+            urgent=settings.urgent_target_minutes,
+            routine=settings.routine_target_minutes,
+        ),
+    )
 
 
-@router.get("/studies/{study_uid}")
-def get_study(study_uid: str, caller: AnyCaller, session: DbSession) -> dict[str, Any]:
+@router.get("/studies/{study_uid}", responses={404: {"model": Problem}})
+def get_study(study_uid: str, caller: AnyCaller, session: DbSession) -> StudyRecord:
     """A study's whole record: jobs, findings, result objects, deliveries, priority history."""
     record = study_record(db_session=session, study_uid=study_uid)
     if record is None:
@@ -74,75 +83,71 @@ def get_study(study_uid: str, caller: AnyCaller, session: DbSession) -> dict[str
     return record
 
 
-def _entry(session: Session, study_uid: str) -> WorklistEntry:
-    entry = session.scalar(select(WorklistEntry).join(Study).where(Study.study_uid == study_uid))
-    if entry is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such study on the worklist")
-    return entry
+_READING_ERRORS: dict[type[reading.ReadingError], int] = {
+    reading.NotOnWorklist: status.HTTP_404_NOT_FOUND,
+    reading.ReadingConflict: status.HTTP_409_CONFLICT,
+    reading.NotAllowed: status.HTTP_403_FORBIDDEN,
+}
+_READING_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": Problem} for code in _READING_ERRORS.values()
+}
 
 
-def _state(entry: WorklistEntry) -> dict[str, Any]:
-    return {
-        "reading_state": str(entry.reading_state),
-        "claimed_by": entry.claimed_by,
-        "claim_expires_at": entry.claim_expires_at.isoformat() if entry.claim_expires_at else None,
-    }
+def _change_reading(
+    session: Session,
+    study_uid: str,
+    caller: ApiCaller,
+    change: Callable[[WorklistEntry, reading.Reader, datetime], None],
+) -> ReadingStatus:
+    """Apply one of the reading rules (``triage.worklist.reading``), its refusals as HTTP."""
+    reader = reading.Reader(caller.name, admin=caller.role == TokenRole.ADMIN)
+    try:
+        entry = reading.entry_for(db_session=session, study_uid=study_uid)
+        change(entry, reader, utcnow())
+    except reading.ReadingError as exc:
+        raise HTTPException(_READING_ERRORS[type(exc)], str(exc)) from exc
+    return ReadingStatus.of(entry)
 
 
-@router.post("/studies/{study_uid}/claim")
+@router.post("/studies/{study_uid}/claim", responses=_READING_RESPONSES)
 def claim(
     study_uid: str, caller: AnyCaller, session: DbSession, settings: AppSettings
-) -> dict[str, Any]:
+) -> ReadingStatus:
     """Claim a study for reading; the claim lapses after claim_minutes."""
-    entry = _entry(session, study_uid)
-    now = utcnow()
-    if entry.reading_state == ReadingState.READ:
-        raise HTTPException(status.HTTP_409_CONFLICT, "already read")
-    held = (
-        entry.reading_state == ReadingState.CLAIMED
-        and entry.claimed_by != caller.name
-        and entry.claim_expires_at is not None
-        and entry.claim_expires_at > now
-    )
-    if held:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"claimed by {entry.claimed_by}")
-    entry.reading_state = ReadingState.CLAIMED
-    entry.claimed_by = caller.name
-    entry.claimed_at = now
-    entry.claim_expires_at = now + timedelta(minutes=settings.claim_minutes)
-    entry.updated_at = now
-    return _state(entry)
+    claim_for = timedelta(minutes=settings.claim_minutes)
+
+    def change(entry: WorklistEntry, reader: reading.Reader, now: datetime) -> None:
+        reading.claim(entry, reader=reader, now=now, claim_for=claim_for)
+
+    return _change_reading(session, study_uid, caller, change)
 
 
-@router.post("/studies/{study_uid}/release")
-def release(study_uid: str, caller: AnyCaller, session: DbSession) -> dict[str, Any]:
+@router.post("/studies/{study_uid}/release", responses=_READING_RESPONSES)
+def release(study_uid: str, caller: AnyCaller, session: DbSession) -> ReadingStatus:
     """Give a claim back. Only its holder, or an admin, may."""
-    entry = _entry(session, study_uid)
-    if entry.reading_state != ReadingState.CLAIMED:
-        raise HTTPException(status.HTTP_409_CONFLICT, "not claimed")
-    if entry.claimed_by != caller.name and caller.role != TokenRole.ADMIN:
-        raise HTTPException(status.HTTP_403_FORBIDDEN, f"claimed by {entry.claimed_by}")
-    entry.reading_state = ReadingState.UNREAD
-    entry.claimed_by = entry.claimed_at = entry.claim_expires_at = None
-    entry.updated_at = utcnow()
-    return _state(entry)
+
+    def change(entry: WorklistEntry, reader: reading.Reader, now: datetime) -> None:
+        reading.release(entry, reader=reader, now=now)
+
+    return _change_reading(session, study_uid, caller, change)
 
 
-@router.post("/studies/{study_uid}/read")
-def mark_read(study_uid: str, caller: AnyCaller, session: DbSession) -> dict[str, Any]:
+@router.post("/studies/{study_uid}/read", responses=_READING_RESPONSES)
+def mark_read(study_uid: str, caller: AnyCaller, session: DbSession) -> ReadingStatus:
     """Mark a study read; it leaves the worklist."""
-    entry = _entry(session, study_uid)
-    someone_else = entry.reading_state == ReadingState.CLAIMED and entry.claimed_by != caller.name
-    if someone_else and caller.role != TokenRole.ADMIN:
-        raise HTTPException(status.HTTP_403_FORBIDDEN, f"claimed by {entry.claimed_by}")
-    now = utcnow()
-    entry.reading_state = ReadingState.READ
-    entry.read_at = entry.updated_at = now
-    return _state(entry)
+
+    def change(entry: WorklistEntry, reader: reading.Reader, now: datetime) -> None:
+        reading.mark_read(entry, reader=reader, now=now)
+
+    return _change_reading(session, study_uid, caller, change)
 
 
-@router.post("/studies/{study_uid}/reprocess", status_code=status.HTTP_202_ACCEPTED)
-def reprocess(study_uid: str, caller: AdminCaller, request: Request) -> dict[str, Any]:
+@router.post(
+    "/studies/{study_uid}/reprocess",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses={409: {"model": Problem}},
+)
+def reprocess(study_uid: str, caller: AdminCaller, request: Request) -> Reprocessing:
     """Analyse the study again with every routed model (admin only)."""
     try:
         job_ids = reprocess_by_uid(
@@ -156,7 +161,7 @@ def reprocess(study_uid: str, caller: AdminCaller, request: Request) -> dict[str
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
     for job_id in job_ids:
         request.app.state.sender.analyze_study(job_id)
-    return {"queued_jobs": job_ids}
+    return Reprocessing(queued_jobs=job_ids)
 
 
 def _version(request: Request) -> str:
@@ -167,7 +172,16 @@ def _version(request: Request) -> str:
     return f"{latest.isoformat() if latest else '-'}/{count}"
 
 
-@router.get(EVENTS_PATH.removeprefix("/api"), response_class=StreamingResponse)
+@router.get(
+    EVENTS_PATH.removeprefix("/api"),
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": 'Server-sent events: `worklist` with `{"version": ...}` data.',
+        }
+    },
+)
 async def events(request: Request, caller: AnyCaller) -> StreamingResponse:
     """Server-sent events: ``worklist`` whenever the worklist changes (refetch it then)."""
 

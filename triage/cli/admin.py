@@ -24,7 +24,7 @@ from sqlalchemy.exc import OperationalError
 
 from triage.broker import TaskSender, broker_url, queue_depths
 from triage.cli import peers, reading
-from triage.cli.common import ConfigOption, JsonOption, err_console, fail, load_settings
+from triage.cli.common import ConfigOption, JsonOption, err_console, exit_with_error, load_settings
 from triage.db import migrate
 from triage.db.session import create_db_engine, make_session_factory, session_scope
 from triage.errors import DicomInputError, OutOfResourcesError
@@ -63,7 +63,7 @@ def db_upgrade(config: ConfigOption = None) -> None:
         migrate.upgrade(engine)
         after = migrate.current_revision(engine)
     except OperationalError as exc:
-        fail(f"cannot reach the database {engine.url!r}: {exc.orig}")
+        exit_with_error(f"cannot reach the database {engine.url!r}: {exc.orig}")
     if before == after:
         console.print(f"database already at revision {after}")
     else:
@@ -77,11 +77,11 @@ def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     engine = create_db_engine(settings.database_url)
     try:
         if not migrate.is_up_to_date(engine):
-            fail("the database schema is not current: run `triage-admin db upgrade`")
+            exit_with_error("the database schema is not current: run `triage-admin db upgrade`")
         with session_scope(make_session_factory(engine)) as session:
             report = collect_status(db_session=session)
     except OperationalError as exc:
-        fail(f"cannot reach the database {engine.url!r}: {exc.orig}")
+        exit_with_error(f"cannot reach the database {engine.url!r}: {exc.orig}")
     report = dataclasses.replace(report, queue_depth=queue_depths(broker_url(settings)))
     if as_json:
         print(json.dumps(report.as_json(), indent=2))
@@ -132,10 +132,10 @@ def import_files(
     settings = load_settings(config)
     files = list(import_sources(path))
     if not files:
-        fail(f"no files found under {path}")
+        exit_with_error(f"no files found under {path}")
     engine = create_db_engine(settings.database_url, rebuildable=True)
     if not migrate.is_up_to_date(engine):
-        fail("the database schema is not current: run `triage-admin db upgrade`")
+        exit_with_error("the database schema is not current: run `triage-admin db upgrade`")
     ingestor = Ingestor(
         spool=Spool.for_settings(settings),
         engine=engine,
@@ -190,7 +190,7 @@ def models_list(config: ConfigOption = None, as_json: JsonOption = False) -> Non
         check=False,
     )
     if result.returncode != 0:
-        fail(f"could not load the models: {result.stderr.strip().splitlines()[-1:]}")
+        exit_with_error(f"could not load the models: {result.stderr.strip().splitlines()[-1:]}")
     statuses = json.loads(result.stdout)
     if as_json:
         print(json.dumps(statuses, indent=2))
@@ -230,7 +230,7 @@ def reprocess(
             actor="triage-admin",
         )
     except ReprocessError as exc:
-        fail(str(exc))
+        exit_with_error(str(exc))
     sender = TaskSender(settings)
     sent = sum(sender.analyze_study(job_id) for job_id in job_ids)
     sender.close()
@@ -276,7 +276,7 @@ def failures_retry(
     """Queue failed jobs and deliveries again (see `failures list` for their ids)."""
     settings = load_settings(config)
     if not (job or delivery or retry_all):
-        fail("name --job ID, --delivery ID or --all")
+        exit_with_error("name --job ID, --delivery ID or --all")
     with session_scope(make_session_factory(create_db_engine(settings.database_url))) as session:
         if retry_all:
             failures = list_failures(db_session=session)

@@ -30,7 +30,7 @@ ConfigOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 
-def fail(message: str, code: int = 1) -> NoReturn:
+def exit_with_error(message: str, code: int = 1) -> NoReturn:
     err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     raise typer.Exit(code)
 
@@ -40,6 +40,6 @@ def load_settings(config: Path | None) -> Settings:
     try:
         settings = Settings.load(config)
     except ConfigError as exc:
-        fail(str(exc), EXIT_CONFIG)
+        exit_with_error(str(exc), EXIT_CONFIG)
     configure_logging(settings.log_level)
     return settings

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from triage import __version__
-from triage.cli.common import ConfigOption, fail, load_settings
+from triage.cli.common import ConfigOption, exit_with_error, load_settings
 
 app = typer.Typer(
     name="triage",
@@ -65,7 +65,7 @@ def serve(
     try:
         TriageService(settings, config_file=config).run()
     except DataDirInUseError as exc:
-        fail(str(exc))
+        exit_with_error(str(exc))
 
 
 @app.command(

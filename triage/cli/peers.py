@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import select
 
-from triage.cli.common import ConfigOption, JsonOption, fail, load_settings
+from triage.cli.common import ConfigOption, JsonOption, exit_with_error, load_settings
 from triage.config import DimseDestination, Settings
 from triage.db.models import Peer
 from triage.db.session import (
@@ -80,10 +80,10 @@ def peers_add(
     try:
         destination = parse_destination(target, name=name, token=token)
     except ValidationError as exc:
-        fail(f"{target!r}: {exc.errors()[0]['msg']}")
+        exit_with_error(f"{target!r}: {exc.errors()[0]['msg']}")
     with session_scope(_factory(settings)) as session:
         if session.scalar(select(Peer.id).where(Peer.name == name)) is not None:
-            fail(f"a peer named {name} exists; remove it first")
+            exit_with_error(f"a peer named {name} exists; remove it first")
         if isinstance(destination, DimseDestination):
             peer = Peer(
                 name=name,
@@ -110,11 +110,11 @@ def peers_remove(
     """Remove a destination added with `peers add`."""
     settings = load_settings(config)
     if name in {d.name for d in settings.destinations}:
-        fail(f"{name} is defined in the configuration; remove it there")
+        exit_with_error(f"{name} is defined in the configuration; remove it there")
     with session_scope(_factory(settings)) as session:
         peer = session.scalar(select(Peer).where(Peer.name == name))
         if peer is None:
-            fail(f"no peer named {name}")
+            exit_with_error(f"no peer named {name}")
         session.delete(peer)
     console.print(f"removed {name}")
 
@@ -129,13 +129,13 @@ def peers_echo(
     with session_scope(_factory(settings)) as session:
         destination = destinations(settings, db_session=session).get(name)
     if destination is None:
-        fail(f"no destination named {name}")
+        exit_with_error(f"no destination named {name}")
     from triage.peers import echo  # pynetdicom and the senders: only this command needs them
 
     try:
         seconds = echo(destination, calling_ae=settings.ae_title)
     except DestinationUnavailableError as exc:
-        fail(str(exc))
+        exit_with_error(str(exc))
     console.print(f"{name}: OK in {seconds * 1000:.0f} ms")
 
 

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from triage.api.tokens import create_token, revoke_token
-from triage.cli.common import ConfigOption, JsonOption, fail, load_settings
+from triage.cli.common import ConfigOption, JsonOption, exit_with_error, load_settings
 from triage.db.base import utcnow
 from triage.db.session import create_db_engine, make_session_factory, session_scope
 from triage.domain import TokenRole
@@ -43,11 +43,9 @@ def worklist_command(
     with session_scope(factory) as session:
         items = worklist(db_session=session, limit=limit)
     now = utcnow()
-    rows = [
-        item.as_json(now=now, viewer_url_template=settings.viewer_url_template) for item in items
-    ]
+    rows = [item.row(now=now, viewer_url_template=settings.viewer_url_template) for item in items]
     if as_json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps([row.model_dump(mode="json") for row in rows], indent=2))
         return
     table = Table(title="worklist (most urgent first)")
     for column in (
@@ -65,14 +63,14 @@ def worklist_command(
     for rank, row in enumerate(rows, start=1):
         table.add_row(
             str(rank),
-            row["tier"],
-            row["study_uid"],
-            row["accession_number"] or "",
-            row["modalities"] or "",
-            _minutes(row["waited_seconds"]),
-            _minutes(row["due_in_seconds"]),
-            row["reading_state"] + (f" ({row['claimed_by']})" if row["claimed_by"] else ""),
-            row["reason"],
+            row.tier,
+            row.study_uid,
+            row.accession_number or "",
+            row.modalities or "",
+            _minutes(row.waited_seconds),
+            _minutes(row.due_in_seconds),
+            row.reading_state + (f" ({row.claimed_by})" if row.claimed_by else ""),
+            row.reason,
         )
     console.print(table)
 
@@ -89,32 +87,31 @@ def study_show(
     with session_scope(factory) as session:
         record = study_record(db_session=session, study_uid=study_uid)
     if record is None:
-        fail(f"no study {study_uid}")
+        exit_with_error(f"no study {study_uid}")
     if as_json:
-        print(json.dumps(record, indent=2))
+        print(json.dumps(record.model_dump(mode="json"), indent=2))
         return
     console.print(
-        f"[bold]{record['study_uid']}[/]  status: {record['status']}"
-        + (f" ({record['status_reason']})" if record["status_reason"] else "")
+        f"[bold]{record.study_uid}[/]  status: {record.status}"
+        + (f" ({record.status_reason})" if record.status_reason else "")
     )
-    if record["worklist"]:
-        w = record["worklist"]
-        console.print(f"worklist: {w['tier']} {w['reading_state']} - {w['reason']}")
-    for job in record["jobs"]:
+    if (w := record.worklist) is not None:
+        console.print(f"worklist: {w.tier} {w.reading_state} - {w.reason}")
+    for job in record.jobs:
         console.print(
-            f"job {job['id']} {job['model']} {job['version']}: {job['state']}"
-            + (f" ({job['reason']})" if job["reason"] else "")
+            f"job {job.id} {job.model} {job.version}: {job.state}"
+            + (f" ({job.reason})" if job.reason else "")
         )
-        for f in job["findings"]:
-            volume = f" {f['volume_ml']:.1f} mL" if f["volume_ml"] else ""
+        for f in job.findings:
+            volume = f" {f.volume_ml:.1f} mL" if f.volume_ml else ""
             console.print(
-                f"  {f['kind']} {f['label']}: p={f['probability']:.3f}"
-                f" {'positive' if f['positive'] else 'negative'}{volume}"
+                f"  {f.kind} {f.label}: p={f.probability:.3f}"
+                f" {'positive' if f.positive else 'negative'}{volume}"
             )
-    for d in record["deliveries"]:
-        console.print(f"delivery {d['id']} {d['result']} -> {d['destination']}: {d['state']}")
-    for h in record["priority_history"]:
-        console.print(f"{h['at']}: {h['reason']}")
+    for d in record.deliveries:
+        console.print(f"delivery {d.id} {d.result} -> {d.destination}: {d.state}")
+    for h in record.priority_history:
+        console.print(f"{h.at}: {h.reason}")
 
 
 @tokens_app.command("create")
@@ -130,7 +127,7 @@ def tokens_create(
         with session_scope(factory) as session:
             token = create_token(db_session=session, name=name, role=role)
     except ValueError as exc:
-        fail(str(exc))
+        exit_with_error(str(exc))
     print(token)
 
 
@@ -143,7 +140,7 @@ def tokens_revoke(
     factory = make_session_factory(create_db_engine(settings.database_url))
     with session_scope(factory) as session:
         if not revoke_token(db_session=session, name=name):
-            fail(f"no live token named {name}")
+            exit_with_error(f"no live token named {name}")
     console.print(f"revoked {name}")
 
 

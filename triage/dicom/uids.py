@@ -23,8 +23,9 @@ MAX_UID_LENGTH = 64
 _UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
 
-class ResultKind(Enum):
-    """The objects whose UIDs are derived from (study, model, version)."""
+class ResultUid(Enum):
+    """Which UID of a result object is derived from (study, model, version): its series or its
+    instance UID, of the SEG or the SR."""
 
     SEG_SERIES = "seg-series"
     SEG_INSTANCE = "seg-instance"
@@ -42,10 +43,10 @@ def _derive(*parts: str) -> str:
 
 
 def result_uid(
-    *, study_uid: str, model_name: str, model_version: str, kind: str | ResultKind
+    *, study_uid: str, model_name: str, model_version: str, kind: str | ResultUid
 ) -> str:
     """Deterministic UID of one result object (a SEG or SR series or instance) of a study."""
-    kind = ResultKind(kind)
+    kind = ResultUid(kind)
     return _derive("result", study_uid, model_name, model_version, kind.value)
 
 

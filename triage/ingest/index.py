@@ -22,7 +22,9 @@ SameContent = Callable[[str], bool]
 """Whether the spool file with this id holds the data set of the instance being indexed."""
 
 
-class StoreOutcome(enum.StrEnum):
+class IndexOutcome(enum.StrEnum):
+    """What indexing a received instance did."""
+
     STORED = "stored"
     DUPLICATE = "duplicate"  # identical content already held: nothing added
     NEW_VERSION = "new-version"  # same SOP Instance UID, other content: kept beside the old
@@ -30,7 +32,7 @@ class StoreOutcome(enum.StrEnum):
 
 @dataclass(frozen=True)
 class IndexResult:
-    outcome: StoreOutcome
+    outcome: IndexOutcome
     study_uid: str
     reopened: bool = False
 
@@ -170,7 +172,7 @@ def index_instance(
     )[0]
     versions = _VERSIONS.rows(connection, {"sop_instance_uid": uid}) if held else []
     if any(same_content(file_id) for _version, file_id in versions):
-        return IndexResult(StoreOutcome.DUPLICATE, header.study_uid)
+        return IndexResult(IndexOutcome.DUPLICATE, header.study_uid)
     version = max((row[0] for row in versions), default=0) + 1
     study = dict(zip(_STUDY_COLUMNS, study_values, strict=True))
     study_id, previous_status = _study(
@@ -195,9 +197,9 @@ def index_instance(
             "received_at": now,
         },
     )
-    outcome = StoreOutcome.STORED
+    outcome = IndexOutcome.STORED
     if version > 1:
-        outcome = StoreOutcome.NEW_VERSION
+        outcome = IndexOutcome.NEW_VERSION
         add_event(
             db_session=connection,
             kind="new_version",

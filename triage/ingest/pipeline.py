@@ -20,7 +20,7 @@ from sqlalchemy.orm import configure_mappers
 from triage.db.base import utcnow
 from triage.dicom.header import Bytes, InstanceHeader, data_set_offset, parse_header
 from triage.errors import DatasetMismatchError, OutOfResourcesError
-from triage.ingest.index import IndexResult, SameContent, StoreOutcome, index_instance
+from triage.ingest.index import IndexOutcome, IndexResult, SameContent, index_instance
 from triage.metrics import IngestMetrics
 from triage.storage.spool import IncomingFile, Spool, SpooledFile, content_digest
 
@@ -108,10 +108,10 @@ class Ingestor:
         except BaseException:
             self.spool.remove(spooled.file_id)
             raise
-        if result.outcome is StoreOutcome.DUPLICATE:
+        if result.outcome is IndexOutcome.DUPLICATE:
             self.spool.remove(spooled.file_id)
         ingested = Ingested(header, result)
-        if result.outcome is StoreOutcome.DUPLICATE:
+        if result.outcome is IndexOutcome.DUPLICATE:
             self.metrics.duplicates.inc()
         else:
             self.metrics.instances.labels(source=source).inc()
@@ -138,7 +138,7 @@ class Ingestor:
         header = parse_header(data)
         spooled = SpooledFile(path.stem, str(path), len(data), content_digest(data))
         result = self._index(header, spooled=spooled, data=data, calling_ae=header.source_ae)
-        if result.outcome is StoreOutcome.DUPLICATE:
+        if result.outcome is IndexOutcome.DUPLICATE:
             self.spool.remove(spooled.file_id)
         return Ingested(header, result)
 

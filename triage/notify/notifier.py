@@ -3,8 +3,8 @@
 The database decides what is owed (``Notification`` rows, created by the worklist service). Each
 pass claims every queued row whose ``next_attempt_at`` has come, sends it on its channel, and
 records the outcome: ``done`` with ``sent_at``; ``queued`` again after an exponential backoff with
-jitter (the ``delivery_*`` retry settings: base, cap and attempts are shared with result
-deliveries); or ``failed`` with an audit event ``notification_failed``, for an answer that
+jitter (``triage.retry``, the policy every retry shares; as many attempts as a result delivery
+gets); or ``failed`` with an audit event ``notification_failed``, for an answer that
 retrying will not change or after ``delivery_max_attempts`` attempts.
 
 A row is claimed by a compare-and-set to ``running`` with a lease: if the process dies mid-send
@@ -38,6 +38,7 @@ from triage.db.models import Notification, Study
 from triage.db.session import SessionFactory, session_scope
 from triage.domain import WorkState
 from triage.errors import PermanentError, RetryableError
+from triage.retry import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -107,16 +108,6 @@ def registered_channels() -> Mapping[str, Channel]:
     return dict(_CHANNELS)
 
 
-def retry_delay(settings: Settings, attempt: int, rng: random.Random) -> timedelta:
-    """Exponential backoff from ``delivery_backoff_seconds``, capped at
-    ``delivery_backoff_max_seconds``, with jitter over its upper half."""
-    ceiling = min(
-        settings.delivery_backoff_max_seconds,
-        settings.delivery_backoff_seconds * 2 ** max(attempt - 1, 0),
-    )
-    return timedelta(seconds=rng.uniform(ceiling / 2, ceiling))
-
-
 @dataclass(frozen=True)
 class _Result:
     sent: bool = False
@@ -152,6 +143,7 @@ class Notifier:
         self.poll_seconds = poll_seconds
         self.batch_size = batch_size
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not secrecy
+        self.backoff = Backoff.from_settings(settings)
 
     def send_due(self, now: datetime | None = None) -> int:
         """Send every notification due at ``now``; return how many were sent."""
@@ -262,7 +254,7 @@ class Notifier:
                 row.state = WorkState.FAILED
                 _audit_failure(session, message, row)
             else:
-                wait = retry_delay(self.settings, row.attempts, self.rng)
+                wait = timedelta(seconds=self.backoff.delay(row.attempts, self.rng))
                 row.state = WorkState.QUEUED
                 row.next_attempt_at = now + wait
                 log.warning(

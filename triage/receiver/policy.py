@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 
-from triage.config import Caller
+from triage.config import AllowedCaller
 
 
 def _addresses(host: str) -> set[str]:
@@ -21,7 +21,7 @@ def _addresses(host: str) -> set[str]:
 class CallerPolicy:
     """Allowed callers; an empty list allows any caller."""
 
-    def __init__(self, callers: list[Caller]) -> None:
+    def __init__(self, callers: list[AllowedCaller]) -> None:
         self._any_host = {c.ae_title for c in callers if c.host is None}
         self._pinned = [(c.ae_title, _addresses(c.host)) for c in callers if c.host is not None]
         self.open = not callers

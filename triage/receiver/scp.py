@@ -33,8 +33,8 @@ from triage.receiver.upper import (
     LOCAL_LIMIT_EXCEEDED,
     AcceptorServer,
     AcceptorSettings,
-    Peer,
     Rejection,
+    Requestor,
     StoreResult,
     rejection,
     supported_contexts,
@@ -125,10 +125,10 @@ class SpoolSink:
     """
 
     def __init__(
-        self, listener: DicomListener, peer: Peer, command: Command, transfer_syntax: str
+        self, listener: DicomListener, requestor: Requestor, command: Command, transfer_syntax: str
     ) -> None:
         self.listener = listener
-        self.peer = peer
+        self.requestor = requestor
         self.command = command
         self._incoming: IncomingFile | None = None
         self._refusal: StoreResult | None = None
@@ -139,7 +139,7 @@ class SpoolSink:
         sop_class, sop_instance = command.affected_sop_class_uid, command.affected_sop_instance_uid
         if not (is_valid_uid(sop_class) and is_valid_uid(sop_instance)):
             self._refusal = listener.refuse(
-                peer,
+                requestor,
                 status.CANNOT_UNDERSTAND,
                 "cannot-understand",
                 "invalid SOP Class or Instance UID in the C-STORE request",
@@ -152,7 +152,7 @@ class SpoolSink:
             transfer_syntax_uid=transfer_syntax,
             implementation_class_uid=IMPLEMENTATION_CLASS_UID,
             implementation_version_name=implementation_version_name(__version__),
-            source_ae_title=peer.calling_ae if peer.calling_ae.isascii() else None,
+            source_ae_title=requestor.calling_ae if requestor.calling_ae.isascii() else None,
         )
         self.buffer(len(meta))[:] = meta
         self.received()
@@ -164,7 +164,7 @@ class SpoolSink:
     def _out_of_resources(self, exc: OutOfResourcesError) -> None:
         self._incoming = None
         self._refusal = self.listener.refuse(
-            self.peer,
+            self.requestor,
             status.OUT_OF_RESOURCES,
             "out-of-resources",
             str(exc),
@@ -208,7 +208,7 @@ class SpoolSink:
             if self._refusal is not None:
                 return self._refusal
             data = memoryview(buffer)[: self._size]
-            return self.listener.store(self.peer, self.command, data, incoming=self._incoming)
+            return self.listener.store(self.requestor, self.command, data, incoming=self._incoming)
         finally:
             self.listener.buffers.give(buffer)
 
@@ -308,60 +308,69 @@ class DicomListener:
 
     # -- the AcceptorPolicy -----------------------------------------------------------------
 
-    def check(self, peer: Peer, active: int) -> Rejection | None:
-        if peer.called_ae != self.settings.ae_title:
+    def check(self, requestor: Requestor, active: int) -> Rejection | None:
+        if requestor.called_ae != self.settings.ae_title:
             return rejection(CALLED_AE_NOT_RECOGNISED, "called AE title is not ours")
-        if not self.callers.open and peer.calling_ae not in self.callers.titles_for(peer.address):
+        if not self.callers.open and requestor.calling_ae not in self.callers.titles_for(
+            requestor.address
+        ):
             return rejection(CALLING_AE_NOT_RECOGNISED, "calling AE title not allowed")
         if active >= self.settings.max_associations:
             return rejection(LOCAL_LIMIT_EXCEEDED, "too many associations")
         return None
 
-    def rejected(self, peer: Peer, refusal: Rejection) -> None:
+    def rejected(self, requestor: Requestor, refusal: Rejection) -> None:
         log.warning(
             "association rejected: %s",
             refusal.why,
-            extra={"calling_ae": peer.calling_ae, "address": peer.address},
+            extra={"calling_ae": requestor.calling_ae, "address": requestor.address},
         )
-        self._count_and_record(peer, "association-rejected", why=refusal.why)
+        self._count_and_record(requestor, "association-rejected", why=refusal.why)
 
-    def aborted(self, peer: Peer, why: str) -> None:
-        self._count_and_record(peer, "association-aborted", why=why[:200])
+    def aborted(self, requestor: Requestor, why: str) -> None:
+        self._count_and_record(requestor, "association-aborted", why=why[:200])
 
-    def open_store(self, peer: Peer, command: Command, transfer_syntax: str) -> SpoolSink:
-        return SpoolSink(self, peer, command, transfer_syntax)
+    def open_store(self, requestor: Requestor, command: Command, transfer_syntax: str) -> SpoolSink:
+        return SpoolSink(self, requestor, command, transfer_syntax)
 
-    def ended(self, peer: Peer, *, released: bool) -> None:
+    def ended(self, requestor: Requestor, *, released: bool) -> None:
         with self._lock:
-            studies = self._studies.pop(id(peer), set())
+            studies = self._studies.pop(id(requestor), set())
         if released and studies and self.on_association_end is not None:
             self.on_association_end(studies)
 
-    def _count_and_record(self, peer: Peer, reason: str, **detail: object) -> None:
+    def _count_and_record(self, requestor: Requestor, reason: str, **detail: object) -> None:
         """Every refusal: the rejections metric by reason, and an audit event for admins."""
         self.metrics.rejections.labels(reason=reason).inc()
         record_rejection(
             self.session_factory,
             reason=reason,
-            actor=peer.calling_ae[:64] or None,
-            address=peer.address,
+            actor=requestor.calling_ae[:64] or None,
+            address=requestor.address,
             **detail,
         )
 
     # -- storing ------------------------------------------------------------------------------
 
-    def refuse(self, peer: Peer, code: int, reason: str, message: str, **uids: str) -> StoreResult:
+    def refuse(
+        self, requestor: Requestor, code: int, reason: str, message: str, **uids: str
+    ) -> StoreResult:
         """Count, log and record a refused C-STORE; the result to answer with."""
         log.warning(
             "C-STORE refused: %s",
             message,
-            extra={"calling_ae": peer.calling_ae, "status": f"0x{code:04X}", **uids},
+            extra={"calling_ae": requestor.calling_ae, "status": f"0x{code:04X}", **uids},
         )
-        self._count_and_record(peer, reason, status=code, message=message, **uids)
+        self._count_and_record(requestor, reason, status=code, message=message, **uids)
         return StoreResult(code, message[:64])
 
     def store(
-        self, peer: Peer, command: Command, data: memoryview, *, incoming: IncomingFile | None
+        self,
+        requestor: Requestor,
+        command: Command,
+        data: memoryview,
+        *,
+        incoming: IncomingFile | None,
     ) -> StoreResult:
         """Ingest one received instance (``data``, valid during the call, is also in
         ``incoming``, uncommitted)."""
@@ -370,26 +379,36 @@ class DicomListener:
         try:
             ingested = self.ingestor.ingest(
                 data,
-                calling_ae=peer.calling_ae,
+                calling_ae=requestor.calling_ae,
                 source="dimse",
                 requested=requested,
                 incoming=incoming,
             )
         except DatasetMismatchError as exc:
             return self.refuse(
-                peer, status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "dataset-mismatch", str(exc), **uids
+                requestor,
+                status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                "dataset-mismatch",
+                str(exc),
+                **uids,
             )
         except DicomInputError as exc:
             return self.refuse(
-                peer, status.CANNOT_UNDERSTAND, "cannot-understand", str(exc), **uids
+                requestor, status.CANNOT_UNDERSTAND, "cannot-understand", str(exc), **uids
             )
         except OutOfResourcesError as exc:
-            return self.refuse(peer, status.OUT_OF_RESOURCES, "out-of-resources", str(exc), **uids)
+            return self.refuse(
+                requestor, status.OUT_OF_RESOURCES, "out-of-resources", str(exc), **uids
+            )
         except Exception as exc:  # never into the protocol: answer a failure instead
             log.exception("C-STORE failed", extra=uids)
             return self.refuse(
-                peer, status.PROCESSING_FAILURE, "processing-failure", type(exc).__name__, **uids
+                requestor,
+                status.PROCESSING_FAILURE,
+                "processing-failure",
+                type(exc).__name__,
+                **uids,
             )
         with self._lock:
-            self._studies.setdefault(id(peer), set()).add(ingested.header.study_uid)
+            self._studies.setdefault(id(requestor), set()).add(ingested.header.study_uid)
         return StoreResult(status.SUCCESS)

@@ -97,8 +97,8 @@ def rejection(code: tuple[int, int, int], why: str) -> Rejection:
 
 
 @dataclass
-class Peer:
-    """One association as the policy sees it."""
+class Requestor:
+    """The association-requestor (PS3.8) and its association, as the policy sees them."""
 
     address: str
     port: int
@@ -141,17 +141,19 @@ class DataSink(Protocol):
 class AcceptorPolicy(Protocol):
     """What the listener decides; the protocol is this module's."""
 
-    def check(self, peer: Peer, active: int) -> Rejection | None:
+    def check(self, requestor: Requestor, active: int) -> Rejection | None:
         """Whether to accept the association (``active`` counts the others)."""
         ...
 
-    def rejected(self, peer: Peer, refusal: Rejection) -> None: ...
+    def rejected(self, requestor: Requestor, refusal: Rejection) -> None: ...
 
-    def open_store(self, peer: Peer, command: Command, transfer_syntax: str) -> DataSink: ...
+    def open_store(
+        self, requestor: Requestor, command: Command, transfer_syntax: str
+    ) -> DataSink: ...
 
-    def ended(self, peer: Peer, *, released: bool) -> None: ...
+    def ended(self, requestor: Requestor, *, released: bool) -> None: ...
 
-    def aborted(self, peer: Peer, why: str) -> None:
+    def aborted(self, requestor: Requestor, why: str) -> None:
         """We aborted the association because the peer broke the protocol or went silent."""
         ...
 
@@ -278,13 +280,13 @@ class Association:
     def __init__(
         self,
         sock: socket.socket,
-        peer: Peer,
+        requestor: Requestor,
         *,
         server: AcceptorServer,
         others_active: int | None = None,
     ) -> None:
         self.sock = sock
-        self.peer = peer
+        self.requestor = requestor
         self.server = server
         # Associations open elsewhere when this one began (another process counted them);
         # None: the server's own count.
@@ -419,21 +421,24 @@ class Association:
             log.warning(
                 "association aborted: %s",
                 exc,
-                extra={"calling_ae": self.peer.calling_ae, "address": self.peer.address},
+                extra={"calling_ae": self.requestor.calling_ae, "address": self.requestor.address},
             )
             self._send_abort(0x02, exc.reason)
-            self.policy.aborted(self.peer, str(exc))
+            self.policy.aborted(self.requestor, str(exc))
         except _Closed as exc:
             if self._established:
                 log.info(
                     "association ended without release: %s",
                     exc,
-                    extra={"calling_ae": self.peer.calling_ae, "address": self.peer.address},
+                    extra={
+                        "calling_ae": self.requestor.calling_ae,
+                        "address": self.requestor.address,
+                    },
                 )
         except Exception:
             log.exception(
                 "association failed",
-                extra={"calling_ae": self.peer.calling_ae, "address": self.peer.address},
+                extra={"calling_ae": self.requestor.calling_ae, "address": self.requestor.address},
             )
             self._send_abort(0x02, REASON_NOT_SPECIFIED)
         finally:
@@ -443,7 +448,7 @@ class Association:
             with contextlib.suppress(OSError):
                 self.sock.close()
             if self._established:
-                self.policy.ended(self.peer, released=released)
+                self.policy.ended(self.requestor, released=released)
 
     def _handshake(self) -> None:
         assert self.server.tls is not None
@@ -454,7 +459,7 @@ class Association:
             log.warning(
                 "TLS handshake failed: %s",
                 getattr(exc, "reason", None) or type(exc).__name__,
-                extra={"address": self.peer.address},
+                extra={"address": self.requestor.address},
             )
             raise _Closed("TLS handshake failed") from exc
 
@@ -464,19 +469,19 @@ class Association:
         if pdu_type != A_ASSOCIATE_RQ_TYPE:
             raise _Abort(f"expected A-ASSOCIATE-RQ, got PDU type {pdu_type:#04x}", UNEXPECTED_PDU)
         negotiation = self.server.negotiation(_PDU_HEADER.pack(pdu_type, len(body)) + body)
-        self.peer.calling_ae = negotiation.calling_ae
-        self.peer.called_ae = negotiation.called_ae
+        self.requestor.calling_ae = negotiation.calling_ae
+        self.requestor.called_ae = negotiation.called_ae
         others = self._others_active
         if others is None:
             others = self.server.active_count() - 1
-        refusal = negotiation.refusal or self.policy.check(self.peer, others)
+        refusal = negotiation.refusal or self.policy.check(self.requestor, others)
         if refusal is not None:
             self._send(
                 _pdu(
                     A_ASSOCIATE_RJ_TYPE, bytes([0, refusal.result, refusal.source, refusal.reason])
                 )
             )
-            self.policy.rejected(self.peer, refusal)
+            self.policy.rejected(self.requestor, refusal)
             return False
         self._contexts = negotiation.transfer_syntaxes
         self._abstract = negotiation.abstract_syntaxes
@@ -486,8 +491,8 @@ class Association:
         log.info(
             "association accepted",
             extra={
-                "calling_ae": self.peer.calling_ae,
-                "address": self.peer.address,
+                "calling_ae": self.requestor.calling_ae,
+                "address": self.requestor.address,
                 "contexts": len(self._contexts),
             },
         )
@@ -556,7 +561,7 @@ class Association:
                         if sink is not None:
                             self._sink = None
                             result = sink.finish()
-                            self.peer.instances += 1
+                            self.requestor.instances += 1
                         else:
                             result = self._unsupported(command, context_id)
                         self._answer(context_id, command, result)
@@ -570,16 +575,19 @@ class Association:
                 log.info(
                     "association released",
                     extra={
-                        "calling_ae": self.peer.calling_ae,
-                        "instances": self.peer.instances,
-                        "seconds": round(time.monotonic() - self.peer.started, 3),
+                        "calling_ae": self.requestor.calling_ae,
+                        "instances": self.requestor.instances,
+                        "seconds": round(time.monotonic() - self.requestor.started, 3),
                     },
                 )
                 return True
             elif pdu_type == A_ABORT_TYPE:
                 log.info(
                     "association aborted by the peer",
-                    extra={"calling_ae": self.peer.calling_ae, "instances": self.peer.instances},
+                    extra={
+                        "calling_ae": self.requestor.calling_ae,
+                        "instances": self.requestor.instances,
+                    },
                 )
                 return False
             elif pdu_type in (A_ASSOCIATE_RQ_TYPE, A_ASSOCIATE_AC_TYPE, A_ASSOCIATE_RJ_TYPE):
@@ -595,7 +603,7 @@ class Association:
             return None
         if command.affected_sop_class_uid != self._abstract[context_id]:
             return None
-        return self.policy.open_store(self.peer, command, self._contexts[context_id])
+        return self.policy.open_store(self.requestor, command, self._contexts[context_id])
 
     def _no_dataset(self, command: Command) -> StoreResult:
         if command.command_field == C_ECHO_RQ:
@@ -607,7 +615,7 @@ class Association:
             return StoreResult(status.UNRECOGNISED_OPERATION, "operation not supported")
         log.warning(
             "C-STORE on a context of another SOP class",
-            extra={"calling_ae": self.peer.calling_ae, "context_id": context_id},
+            extra={"calling_ae": self.requestor.calling_ae, "context_id": context_id},
         )
         return StoreResult(status.SOP_CLASS_NOT_SUPPORTED, "SOP class differs from the context")
 
@@ -727,8 +735,8 @@ class AcceptorServer:
         ``others_active`` counts the associations open elsewhere for the limit (default: this
         server's); ``on_closed`` is called when the connection is done with.
         """
-        peer = Peer(address=address[0], port=address[1])
-        association = Association(sock, peer, server=self, others_active=others_active)
+        requestor = Requestor(address=address[0], port=address[1])
+        association = Association(sock, requestor, server=self, others_active=others_active)
         thread = threading.Thread(
             target=self._run,
             args=(association, on_closed),

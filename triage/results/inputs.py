@@ -135,7 +135,7 @@ class ResultInput:
                 raise ValueError(f"location {finding.location} lies outside {shape}")
         self._check_segments(shape)
 
-    def uid(self, kind: uids.ResultKind) -> str:
+    def uid(self, kind: uids.ResultUid) -> str:
         """Deterministic UID of one of this run's result objects."""
         return uids.result_uid(
             study_uid=self.study_uid,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import highdicom as hd
 import numpy as np
 
-from triage.dicom.uids import ResultKind
+from triage.dicom.uids import ResultUid
 from triage.results.inputs import FindingInput, ResultInput
 
 
@@ -46,9 +46,9 @@ def build_segmentation(result: ResultInput) -> hd.seg.Segmentation | None:
         segment_descriptions=[
             _segment_description(number, finding, algorithm) for number, finding in segments.items()
         ],
-        series_instance_uid=result.uid(ResultKind.SEG_SERIES),
+        series_instance_uid=result.uid(ResultUid.SEG_SERIES),
         series_number=result.seg_series_number,
-        sop_instance_uid=result.uid(ResultKind.SEG_INSTANCE),
+        sop_instance_uid=result.uid(ResultUid.SEG_INSTANCE),
         instance_number=1,
         manufacturer=identity.manufacturer,
         manufacturer_model_name=identity.name,

@@ -11,7 +11,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from triage.dicom.uids import ResultKind
+from triage.dicom.uids import ResultUid
 from triage.results.inputs import AlgorithmIdentity, FindingInput, ResultInput
 
 PRESENT: Code = codes.SCT.Present
@@ -180,9 +180,9 @@ def build_sr(
     return hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
-        series_instance_uid=result.uid(ResultKind.SR_SERIES),
+        series_instance_uid=result.uid(ResultUid.SR_SERIES),
         series_number=result.sr_series_number,
-        sop_instance_uid=result.uid(ResultKind.SR_INSTANCE),
+        sop_instance_uid=result.uid(ResultUid.SR_INSTANCE),
         instance_number=1,
         manufacturer=identity.manufacturer,
         is_complete=True,

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -18,7 +17,18 @@ from triage.db.models import (
     Study,
     WorklistEntry,
 )
-from triage.domain import ReadingState, Tier
+from triage.domain import ReadingState, StudyStatus, Tier
+from triage.worklist.records import (
+    DeliveryRecord,
+    FindingRecord,
+    JobRecord,
+    PriorityChangeRecord,
+    ResultRecord,
+    SeriesRecord,
+    StudyRecord,
+    WorklistPosition,
+    WorklistRow,
+)
 
 
 @dataclass(frozen=True)
@@ -29,28 +39,42 @@ class WorklistItem:
     accession_number: str | None
     study_description: str | None
     modalities: str | None
-    status: str
-    tier: str
+    status: StudyStatus
+    tier: Tier
     score: float
     reason: str
     received_at: datetime
     due_at: datetime | None
-    reading_state: str
+    reading_state: ReadingState
     claimed_by: str | None
     claim_expires_at: datetime | None
 
-    def as_json(self, *, now: datetime, viewer_url_template: str = "") -> dict[str, Any]:
-        data = asdict(self)
-        for key in ("received_at", "due_at", "claim_expires_at"):
-            data[key] = data[key].isoformat() if data[key] else None
-        data["waited_seconds"] = max(0.0, (now - self.received_at).total_seconds())
-        data["due_in_seconds"] = (self.due_at - now).total_seconds() if self.due_at else None
-        data["viewer_url"] = (
-            viewer_url_template.replace("{study_uid}", self.study_uid)
-            if viewer_url_template
-            else None
+    def row(self, *, now: datetime, viewer_url_template: str = "") -> WorklistRow:
+        """The item as the page lists it at ``now``: waiting and due times, viewer link."""
+        return WorklistRow(
+            study_uid=self.study_uid,
+            patient_name=self.patient_name,
+            patient_id=self.patient_id,
+            accession_number=self.accession_number,
+            study_description=self.study_description,
+            modalities=self.modalities,
+            status=self.status,
+            tier=self.tier,
+            score=self.score,
+            reason=self.reason,
+            received_at=self.received_at.isoformat(),
+            due_at=_iso(self.due_at),
+            reading_state=self.reading_state,
+            claimed_by=self.claimed_by,
+            claim_expires_at=_iso(self.claim_expires_at),
+            waited_seconds=max(0.0, (now - self.received_at).total_seconds()),
+            due_in_seconds=(self.due_at - now).total_seconds() if self.due_at else None,
+            viewer_url=(
+                viewer_url_template.replace("{study_uid}", self.study_uid)
+                if viewer_url_template
+                else None
+            ),
         )
-        return data
 
 
 def worklist(
@@ -88,13 +112,13 @@ def worklist(
             accession_number=study.accession_number,
             study_description=study.study_description,
             modalities=study.modalities,
-            status=str(study.status),
-            tier=str(entry.tier),
+            status=study.status,
+            tier=entry.tier,
             score=round(entry.score, 4),
             reason=entry.reason,
             received_at=study.first_received_at,
             due_at=entry.due_at,
-            reading_state=str(entry.reading_state),
+            reading_state=entry.reading_state,
             claimed_by=entry.claimed_by,
             claim_expires_at=entry.claim_expires_at,
         )
@@ -106,23 +130,91 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
-def study_record(*, db_session: Session, study_uid: str) -> dict[str, Any] | None:
+def study_record(*, db_session: Session, study_uid: str) -> StudyRecord | None:
     """Everything known about one study: status, series, jobs, findings, results, deliveries,
     worklist entry and priority history."""
     study = db_session.scalar(select(Study).where(Study.study_uid == study_uid))
     if study is None:
         return None
-    entry = db_session.scalar(select(WorklistEntry).where(WorklistEntry.study_id == study.id))
+    return StudyRecord(
+        study_uid=study.study_uid,
+        status=study.status,
+        status_reason=study.status_reason,
+        patient_name=study.patient_name,
+        patient_id=study.patient_id,
+        accession_number=study.accession_number,
+        study_description=study.study_description,
+        modalities=study.modalities,
+        order_priority=study.order_priority,
+        analysis_round=study.analysis_round,
+        received_at=study.first_received_at.isoformat(),
+        completed_at=_iso(study.completed_at),
+        series=series_section(db_session, study),
+        jobs=jobs_section(db_session, study),
+        results=results_section(db_session, study),
+        deliveries=deliveries_section(db_session, study),
+        worklist=worklist_section(db_session, study),
+        priority_history=history_section(db_session, study),
+    )
+
+
+def series_section(db_session: Session, study: Study) -> list[SeriesRecord]:
     series = db_session.scalars(select(Series).where(Series.study_id == study.id)).all()
+    return [
+        SeriesRecord(
+            series_uid=s.series_uid,
+            modality=s.modality,
+            description=s.series_description,
+            instances=len(s.instances),
+        )
+        for s in series
+    ]
+
+
+def jobs_section(db_session: Session, study: Study) -> list[JobRecord]:
     jobs = db_session.scalars(select(Job).where(Job.study_id == study.id).order_by(Job.id)).all()
-    history = db_session.scalars(
-        select(PriorityChange)
-        .where(PriorityChange.study_id == study.id)
-        .order_by(PriorityChange.changed_at, PriorityChange.id)
-    ).all()
+    return [
+        JobRecord(
+            id=j.id,
+            model=j.model_name,
+            version=j.model_version,
+            state=j.state,
+            round=j.round,
+            attempts=j.attempts,
+            reason=j.reason,
+            series_uid=j.series_uid,
+            timings=j.timings,
+            findings=[
+                FindingRecord(
+                    kind=f.kind,
+                    label=f.label,
+                    code=f"{f.code_scheme}:{f.code_value}",
+                    meaning=f.code_meaning,
+                    probability=f.probability,
+                    positive=f.positive,
+                    volume_ml=f.volume_ml,
+                    location=f.location,
+                )
+                for f in j.findings
+            ],
+        )
+        for j in jobs
+    ]
+
+
+def results_section(db_session: Session, study: Study) -> list[ResultRecord]:
     results = db_session.scalars(
         select(ResultObject).join(Job).where(Job.study_id == study.id).order_by(ResultObject.id)
     ).all()
+    return [
+        ResultRecord(
+            kind=r.kind, sop_instance_uid=r.sop_instance_uid, series_uid=r.series_uid, round=r.round
+        )
+        for r in results
+    ]
+
+
+def deliveries_section(db_session: Session, study: Study) -> list[DeliveryRecord]:
     deliveries = db_session.scalars(
         select(Delivery)
         .join(ResultObject)
@@ -130,95 +222,48 @@ def study_record(*, db_session: Session, study_uid: str) -> dict[str, Any] | Non
         .where(Job.study_id == study.id)
         .order_by(Delivery.id)
     ).all()
-    return {
-        "study_uid": study.study_uid,
-        "status": str(study.status),
-        "status_reason": study.status_reason,
-        "patient_name": study.patient_name,
-        "patient_id": study.patient_id,
-        "accession_number": study.accession_number,
-        "study_description": study.study_description,
-        "modalities": study.modalities,
-        "order_priority": study.order_priority,
-        "analysis_round": study.analysis_round,
-        "received_at": _iso(study.first_received_at),
-        "completed_at": _iso(study.completed_at),
-        "series": [
-            {
-                "series_uid": s.series_uid,
-                "modality": s.modality,
-                "description": s.series_description,
-                "instances": len(s.instances),
-            }
-            for s in series
-        ],
-        "jobs": [
-            {
-                "id": j.id,
-                "model": j.model_name,
-                "version": j.model_version,
-                "state": str(j.state),
-                "round": j.round,
-                "attempts": j.attempts,
-                "reason": j.reason,
-                "series_uid": j.series_uid,
-                "timings": j.timings,
-                "findings": [
-                    {
-                        "kind": f.kind,
-                        "label": f.label,
-                        "code": f"{f.code_scheme}:{f.code_value}",
-                        "meaning": f.code_meaning,
-                        "probability": f.probability,
-                        "positive": f.positive,
-                        "volume_ml": f.volume_ml,
-                        "location": f.location,
-                    }
-                    for f in j.findings
-                ],
-            }
-            for j in jobs
-        ],
-        "results": [
-            {
-                "kind": str(r.kind),
-                "sop_instance_uid": r.sop_instance_uid,
-                "series_uid": r.series_uid,
-                "round": r.round,
-            }
-            for r in results
-        ],
-        "deliveries": [
-            {
-                "id": d.id,
-                "result": str(d.result.kind),
-                "destination": d.destination,
-                "state": str(d.state),
-                "attempts": d.attempts,
-                "last_error": d.last_error,
-                "delivered_at": _iso(d.delivered_at),
-            }
-            for d in deliveries
-        ],
-        "worklist": None
-        if entry is None
-        else {
-            "tier": str(entry.tier),
-            "score": entry.score,
-            "reason": entry.reason,
-            "due_at": _iso(entry.due_at),
-            "reading_state": str(entry.reading_state),
-            "claimed_by": entry.claimed_by,
-        },
-        "priority_history": [
-            {
-                "at": _iso(h.changed_at),
-                "old_tier": str(h.old_tier) if h.old_tier else None,
-                "new_tier": str(h.new_tier),
-                "old_score": h.old_score,
-                "new_score": h.new_score,
-                "reason": h.reason,
-            }
-            for h in history
-        ],
-    }
+    return [
+        DeliveryRecord(
+            id=d.id,
+            result=d.result.kind,
+            destination=d.destination,
+            state=d.state,
+            attempts=d.attempts,
+            last_error=d.last_error,
+            delivered_at=_iso(d.delivered_at),
+        )
+        for d in deliveries
+    ]
+
+
+def worklist_section(db_session: Session, study: Study) -> WorklistPosition | None:
+    entry = db_session.scalar(select(WorklistEntry).where(WorklistEntry.study_id == study.id))
+    if entry is None:
+        return None
+    return WorklistPosition(
+        tier=entry.tier,
+        score=entry.score,
+        reason=entry.reason,
+        due_at=_iso(entry.due_at),
+        reading_state=entry.reading_state,
+        claimed_by=entry.claimed_by,
+    )
+
+
+def history_section(db_session: Session, study: Study) -> list[PriorityChangeRecord]:
+    history = db_session.scalars(
+        select(PriorityChange)
+        .where(PriorityChange.study_id == study.id)
+        .order_by(PriorityChange.changed_at, PriorityChange.id)
+    ).all()
+    return [
+        PriorityChangeRecord(
+            at=h.changed_at.isoformat(),
+            old_tier=h.old_tier,
+            new_tier=h.new_tier,
+            old_score=h.old_score,
+            new_score=h.new_score,
+            reason=h.reason,
+        )
+        for h in history
+    ]

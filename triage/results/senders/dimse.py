@@ -45,22 +45,24 @@ DATASET_DOES_NOT_MATCH = range(0xA900, 0xAA00)
 CANNOT_UNDERSTAND = range(0xC000, 0xD000)
 
 
-class StoreOutcome(Enum):
+class StatusCategory(Enum):
+    """What the status of a C-STORE response we got means for the delivery."""
+
     SUCCESS = "success"
     WARNING = "warning"  # stored; logged
     RETRY = "retry"  # the PACS is out of resources: try the batch again later
     FAILURE = "failure"  # refused for good
 
 
-def store_outcome(code: int) -> StoreOutcome:
+def status_category(code: int) -> StatusCategory:
     """What a C-STORE response status means for the delivery."""
     if code == SUCCESS:
-        return StoreOutcome.SUCCESS
+        return StatusCategory.SUCCESS
     if code in WARNINGS or code in (ATTRIBUTE_LIST_WARNING, ATTRIBUTE_OUT_OF_RANGE_WARNING):
-        return StoreOutcome.WARNING
+        return StatusCategory.WARNING
     if code in OUT_OF_RESOURCES or code == RESOURCE_LIMITATION:
-        return StoreOutcome.RETRY
-    return StoreOutcome.FAILURE
+        return StatusCategory.RETRY
+    return StatusCategory.FAILURE
 
 
 def describe_status(code: int) -> str:
@@ -170,14 +172,14 @@ def _store_all(
             refused.append(f"{uid}: presentation context {name} rejected")
             continue
         code = _store(assoc, file, index % 0xFFFF + 1, peer, timeout)
-        outcome = store_outcome(code)
-        if outcome is StoreOutcome.RETRY:
+        outcome = status_category(code)
+        if outcome is StatusCategory.RETRY:
             raise DestinationUnavailableError(
                 f"{peer} answered C-STORE of {uid} with {describe_status(code)}"
             )
-        if outcome is StoreOutcome.FAILURE:
+        if outcome is StatusCategory.FAILURE:
             refused.append(f"{uid}: status {describe_status(code)}")
-        elif outcome is StoreOutcome.WARNING:
+        elif outcome is StatusCategory.WARNING:
             log.warning(
                 "C-STORE stored with a warning",
                 extra={
