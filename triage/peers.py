@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import time
-import urllib.error
-import urllib.request
 
+import httpx
 from pynetdicom import AE, evt
 
 from triage.config import DicomWebDestination, DimseDestination
 from triage.errors import DestinationUnavailableError
 from triage.results.senders.dimse import client_tls_context
-from triage.results.senders.stow import auth_headers, https_opener, redacted_url
+from triage.results.senders.stow import http_client, redacted_url
 from triage.sockets import set_nodelay
 
 VERIFICATION = "1.2.840.10008.1.1"
@@ -58,11 +57,8 @@ def _c_echo(destination: DimseDestination, *, calling_ae: str, timeout: float) -
 
 def _qido(destination: DicomWebDestination, *, timeout: float) -> None:
     url = destination.url.rstrip("/") + "/studies?limit=1"
-    request = urllib.request.Request(  # noqa: S310 - http(s) only, checked by the settings
-        url, headers={"Accept": "application/dicom+json", **auth_headers(destination)}
-    )
     try:
-        with https_opener(destination).open(request, timeout=timeout) as answer:
-            answer.read()
-    except (urllib.error.URLError, OSError) as exc:
+        with http_client(destination, timeout=timeout) as client:
+            client.get(url, headers={"Accept": "application/dicom+json"}).raise_for_status()
+    except httpx.HTTPError as exc:  # no answer, or an error status
         raise DestinationUnavailableError(f"{redacted_url(url)}: {exc}") from exc

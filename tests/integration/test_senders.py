@@ -39,6 +39,7 @@ from tests.helpers.orthanc import OrthancPeer
 from tests.helpers.tls import make_cert
 from triage.config import DicomWebDestination, DimseDestination, TlsFiles
 from triage.errors import DestinationUnavailableError, PermanentError
+from triage.peers import echo
 from triage.results.inputs import ResultInput
 from triage.results.seg import build_segmentation
 from triage.results.senders import send_files
@@ -188,6 +189,23 @@ def test_a_dicomweb_url_that_answers_404_is_permanent(
     destination = DicomWebDestination(url=f"{orthanc.url}/no-such-root")
     with pytest.raises(PermanentError, match="HTTP 404"):
         send_files(destination, positive.files, calling_ae=CALLING_AE, timeout=TIMEOUT)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_echo_answers_while_the_pacs_is_up_and_names_it_when_down(
+    orthanc: OrthancPeer, kind: str
+) -> None:
+    destination = orthanc_destination(orthanc, kind)
+    assert 0 < echo(destination, calling_ae=CALLING_AE, timeout=TIMEOUT) < TIMEOUT
+    orthanc.stop()
+    try:
+        with pytest.raises(
+            DestinationUnavailableError, match=f"127.0.0.1:{orthanc_port(orthanc, kind)}"
+        ):
+            echo(destination, calling_ae=CALLING_AE, timeout=TIMEOUT)
+    finally:
+        orthanc.start()
 
 
 @pytest.mark.parametrize("kind", KINDS)

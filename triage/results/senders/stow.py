@@ -1,27 +1,24 @@
 """STOW-RS to a DICOMweb destination: one multipart/related POST of the files as they are on disk.
 
-The standard library's HTTP client is enough for one POST and is fully typed; it sends the
-files' bytes unchanged (dicomweb-client would decode and re-encode them, and retries by itself,
-which is the dispatch queue's job). Redirects are not followed: a POST that is redirected loses
-its body, so the configured URL must be the final one.
+The POST goes through httpx; the body is built here because httpx writes multipart/form-data
+only, and it carries the files' bytes unchanged (dicomweb-client would decode and re-encode
+them, and retries by itself, which is the dispatch queue's job). Redirects are not followed: a
+POST that is redirected loses its body, so the configured URL must be the final one.
 """
 
 from __future__ import annotations
 
-import base64
-import http.client
 import json
 import logging
 import ssl
-import urllib.error
-import urllib.request
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
-from email.message import Message
-from typing import IO, Any
+from typing import Any
 from urllib.parse import urlsplit
+
+import httpx
 
 from triage.config import DicomWebDestination
 from triage.errors import DestinationUnavailableError, PermanentError
@@ -59,33 +56,31 @@ class FailedInstance:
         return f"{self.sop_instance_uid}: {reason}"
 
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(
-        self,
-        req: urllib.request.Request,
-        fp: IO[bytes],
-        code: int,
-        msg: str,
-        headers: Message,
-        newurl: str,
-    ) -> None:
-        return None  # urllib then raises the 3xx as an HTTPError
-
-
 def redacted_url(url: str) -> str:
     """The URL for messages: no user information, query or fragment."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
 
 
-def auth_headers(destination: DicomWebDestination) -> dict[str, str]:
+def http_client(destination: DicomWebDestination, *, timeout: float) -> httpx.Client:
+    """An HTTP client for the destination: its credentials (bearer token or HTTP Basic), its CA
+    file, TLS 1.2 at least, no redirects. Raises PermanentError when the CA file is unusable."""
+    cafile = str(destination.ca_file) if destination.ca_file is not None else None
+    try:
+        context = ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as exc:
+        where = redacted_url(destination.url)
+        raise PermanentError(f"CA file for {where} cannot be used: {exc}") from exc
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    headers, auth = {}, None
     if destination.token is not None:
-        return {"Authorization": f"Bearer {destination.token.get_secret_value()}"}
-    if destination.username is not None:
+        headers["Authorization"] = f"Bearer {destination.token.get_secret_value()}"
+    elif destination.username is not None:
         password = destination.password.get_secret_value() if destination.password else ""
-        pair = f"{destination.username}:{password}".encode()
-        return {"Authorization": f"Basic {base64.b64encode(pair).decode('ascii')}"}
-    return {}
+        auth = httpx.BasicAuth(destination.username, password)
+    return httpx.Client(
+        verify=context, auth=auth, headers=headers, timeout=timeout, follow_redirects=False
+    )
 
 
 def _multipart(files: Sequence[ResultFile]) -> tuple[bytes, str]:
@@ -106,41 +101,23 @@ def _multipart(files: Sequence[ResultFile]) -> tuple[bytes, str]:
     return body + delimiter + b"--\r\n", content_type
 
 
-def https_opener(destination: DicomWebDestination) -> urllib.request.OpenerDirector:
-    cafile = str(destination.ca_file) if destination.ca_file is not None else None
-    context = ssl.create_default_context(cafile=cafile)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return urllib.request.build_opener(_NoRedirects(), urllib.request.HTTPSHandler(context=context))
-
-
 def _post(
     destination: DicomWebDestination, body: bytes, content_type: str, timeout: float
 ) -> _Answer:
     where = redacted_url(destination.url)
-    request = urllib.request.Request(  # noqa: S310 - the URL is validated as http(s) by config
-        f"{destination.url.rstrip('/')}/studies",
-        data=body,
-        method="POST",
-        headers={"Content-Type": content_type, "Accept": DICOM_JSON, **auth_headers(destination)},
-    )
-    try:
-        opener = https_opener(destination)
-    except (OSError, ssl.SSLError) as exc:
-        raise PermanentError(f"CA file for {where} cannot be used: {exc}") from exc
-    try:
-        with opener.open(request, timeout=timeout) as response:
-            return _Answer(response.status, response.headers.get_content_type(), response.read())
-    except urllib.error.HTTPError as exc:
+    with http_client(destination, timeout=timeout) as client:
         try:
-            answer = exc.read()
-        except (OSError, http.client.HTTPException):
-            answer = b""
-        return _Answer(exc.code, exc.headers.get_content_type(), answer)
-    except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, resets
-        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        raise DestinationUnavailableError(
-            f"cannot reach STOW-RS at {where} within {timeout:g} s: {reason}"
-        ) from exc
+            response = client.post(
+                f"{destination.url.rstrip('/')}/studies",
+                content=body,
+                headers={"Content-Type": content_type, "Accept": DICOM_JSON},
+            )
+        except httpx.TransportError as exc:  # refused, reset, timed out, TLS failures
+            raise DestinationUnavailableError(
+                f"cannot reach STOW-RS at {where} within {timeout:g} s: {exc}"
+            ) from exc
+    media_type = response.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+    return _Answer(response.status_code, media_type, response.content)
 
 
 def _failed_from_json(body: bytes) -> list[FailedInstance]:
