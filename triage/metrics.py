@@ -1,8 +1,41 @@
-"""Prometheus collectors, registered on the registry the service owns (no global registry)."""
+"""Prometheus collectors, registered on the registry the service owns (no global registry).
+
+With receiver processes (``dicom_processes`` above 1), every process counts into memory-mapped
+files in one directory, prometheus_client's multiprocess mode, and ``triage serve``'s
+``/metrics`` adds them up: a receiver process that died still counts for what it stored.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+import shutil
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+"""Where prometheus_client looks for the directory; receiver processes inherit it."""
+
+
+def count_across_processes(directory: Path) -> CollectorRegistry:
+    """Make every metric created from now on, in this process and in the processes it starts,
+    count into ``directory`` (emptied first: what an earlier run counted is not this run's),
+    and return a registry that reads them all. Call it once, before any metric is created."""
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    os.environ[MULTIPROCESS_ENV] = str(directory)
+    # prometheus_client picked its value class from the environment when it was imported.
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+    return registry
+
+
+def process_ended(pid: int) -> None:
+    """Drop what an ended process held in gauges (its counters and histograms still count)."""
+    if MULTIPROCESS_ENV in os.environ:
+        mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 class IngestMetrics:
@@ -30,7 +63,10 @@ class IngestMetrics:
             registry=registry,
         )
         self.associations = Gauge(
-            "triage_associations_active", "DICOM associations open now.", registry=registry
+            "triage_associations_active",
+            "DICOM associations open now.",
+            registry=registry,
+            multiprocess_mode="livesum",  # processes that ended hold none
         )
         self.spool_seconds = Histogram(
             "triage_spool_seconds",

@@ -27,9 +27,9 @@ from triage.ingest.completion import StudyCompletionWatcher
 from triage.ingest.pipeline import Ingestor
 from triage.ingest.reconcile import reconcile_spool
 from triage.ingest.sweeper import Sweeper
-from triage.metrics import IngestMetrics
+from triage.metrics import IngestMetrics, count_across_processes
 from triage.notify import Notifier
-from triage.receiver.processes import MergedMetrics, ReceiverPool
+from triage.receiver.processes import ReceiverPool
 from triage.receiver.scp import DicomListener
 from triage.storage.spool import Spool
 from triage.worklist.service import WorklistClock
@@ -68,12 +68,18 @@ class TriageService:
 
     def __init__(self, settings: Settings, *, config_file: Path | None = None) -> None:
         self.settings = settings
+        # Held from here: nothing below may touch the data directory of another triage serve.
+        self._held = hold_data_dir(settings.data_dir)
         self.engine = create_db_engine(settings.database_url)
         self.session_factory = make_session_factory(self.engine)
-        self.registry = CollectorRegistry()
-        # With receiver processes, what they count is added to what this process counts.
-        own = CollectorRegistry() if settings.dicom_processes > 1 else self.registry
-        self.metrics = IngestMetrics(own)
+        if settings.dicom_processes > 1:
+            # The receiver processes count into files /metrics adds up; what this process
+            # counts lands there too, so its own registry is not read.
+            self.registry = count_across_processes(settings.data_dir / "metrics")
+            self.metrics = IngestMetrics(CollectorRegistry())
+        else:
+            self.registry = CollectorRegistry()
+            self.metrics = IngestMetrics(self.registry)
         self.stopping = threading.Event()
         self._http: _HttpServer | None = None
         self.spool = Spool.for_settings(settings)
@@ -93,7 +99,6 @@ class TriageService:
                 config_file=config_file,
                 on_association_end=self.watcher.association_ended,
             )
-            self.registry.register(MergedMetrics(own, self.listener.samples))
         else:
             self.listener = DicomListener(
                 settings,
@@ -130,12 +135,10 @@ class TriageService:
 
     def run(self) -> None:
         """Upgrade the schema, then serve until SIGINT or SIGTERM (exit status 0)."""
-        settings = self.settings
-        held = hold_data_dir(settings.data_dir)
         try:
             self._serve()
         finally:
-            os.close(held)
+            os.close(self._held)
 
     def _serve(self) -> None:
         settings = self.settings

@@ -165,6 +165,19 @@ def test_associations_spread_over_processes_and_release_completes_the_study(
 
         wait_for(counted, timeout=10, what="the receiver processes' metrics")
 
+        # A receiver process that dies still counts for what it stored; its replacement
+        # starts from nothing and the associations gauge forgets the dead one.
+        os.kill(receivers[0], signal.SIGKILL)
+        wait_for(
+            lambda: len(children(pid)) == 2 and receivers[0] not in children(pid),
+            timeout=30,
+            what="the killed receiver process replaced",
+        )
+        exposition = metrics(http_port, token)
+        assert sample(exposition, 'triage_instances_received_total{source="dimse"}') == 10
+        assert sample(exposition, "triage_spool_seconds_count") == 10
+        assert sample(exposition, "triage_associations_active") == 0
+
 
 def test_association_limit_counts_every_process(tmp_path: Path, data_dir: Path) -> None:
     with serve(tmp_path, data_dir, max_associations="1") as (_pid, port, _http):

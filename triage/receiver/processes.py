@@ -6,10 +6,12 @@ bench/README). With ``dicom_processes`` above 1, ``triage serve`` accepts each D
 itself and hands it (its descriptor, over a Unix socket) to the receiver process with the
 fewest open associations. Every receiver process runs the same listener and ingest path, on the
 same spool and database, and tells ``triage serve`` when an association closes (for the
-association limit) or was released (for study completion), and what its metrics read, twice a
-second. A receiver process that dies is started again. When ``triage serve`` ends, crash
-included, the receiver processes read the end of their control socket and stop, ending their
-associations (whatever was not answered yet is not kept, as after a crash).
+association limit) or was released (for study completion). Every process counts its metrics
+into the files of prometheus_client's multiprocess mode (``triage.metrics``), which ``triage
+serve``'s ``/metrics`` adds up. A receiver process that dies is started again. When ``triage
+serve`` ends, crash included, the receiver processes read the end of their control socket and
+stop, ending their associations (whatever was not answered yet is not kept, as after a
+crash).
 
 Run as ``python -m triage.receiver.processes`` by ``ReceiverPool`` only.
 """
@@ -27,36 +29,28 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
-
 from triage.config import Settings
+from triage.metrics import process_ended
 from triage.receiver.upper import accept_connections, stop_listening
 
 log = logging.getLogger("triage.receiver.processes")  # also when run as __main__
 
-METRICS_SECONDS = 0.5
-"""How often a receiver process reports its metrics."""
 SUPERVISE_SECONDS = 0.5
 """How often ``triage serve`` looks for receiver processes that exited."""
-MESSAGE_BYTES = 1 << 20
-"""The largest control message read (a metrics report is a few KiB)."""
+MESSAGE_BYTES = 1 << 16
+"""The largest control message read (a released association's study UIDs)."""
 RESTART_SECONDS = (1.0, 30.0)
 """First and longest wait before a receiver process that died is started again."""
 READY_SECONDS = 120.0
 """How long ``start()`` waits for the receiver processes to be serving."""
 STABLE_SECONDS = 10.0
 """A receiver process that ran this long before it died is restarted after the first wait."""
-
-Sample = tuple[str, str, dict[str, str], float]
-"""(metric family, sample name, labels, value) as a receiver process reports it."""
 
 
 def _encode(message: dict[str, Any]) -> bytes:
@@ -70,7 +64,6 @@ class _Child:
     control: socket.socket
     started: float = field(default_factory=time.monotonic)
     open: set[int] = field(default_factory=set)  # connections handed over, not closed yet
-    samples: list[Sample] = field(default_factory=list)
     alive: bool = True
     ready: threading.Event = field(default_factory=threading.Event)
     reader: threading.Thread | None = None
@@ -129,11 +122,6 @@ class ReceiverPool:
             },
         )
 
-    def samples(self) -> list[Sample]:
-        """The latest metrics report of every receiver process running."""
-        with self._lock:
-            return [sample for child in self._children if child.alive for sample in child.samples]
-
     # -- receiver processes ------------------------------------------------------------------
 
     def _spawn(self, index: int) -> _Child:
@@ -180,10 +168,6 @@ class ReceiverPool:
                     child.ready.set()
                 elif kind == "released":
                     self.on_association_end(set(message["studies"]))
-                elif kind == "metrics":
-                    samples = [(f, n, dict(labels), float(v)) for f, n, labels, v in message["s"]]
-                    with self._lock:
-                        child.samples = samples
             except (ValueError, KeyError, TypeError):
                 log.exception("unreadable message from a receiver process")
         with self._lock:
@@ -209,6 +193,7 @@ class ReceiverPool:
                         "restart_in": delay,
                     },
                 )
+                process_ended(child.process.pid)
                 child.control.close()
                 if child.reader is not None:
                     child.reader.join(5)
@@ -280,47 +265,10 @@ class ReceiverPool:
                 )
                 child.process.kill()
                 child.process.wait()
+            process_ended(child.process.pid)
             child.control.close()
             if child.reader is not None:
                 child.reader.join(timeout)
-
-
-class MergedMetrics(Collector):
-    """The service's own metrics with the receiver processes' reports added, sample by sample
-    (counters, histogram buckets and the associations gauge all sum)."""
-
-    def __init__(self, own: CollectorRegistry, reports: Callable[[], Iterable[Sample]]) -> None:
-        self.own = own
-        self.reports = reports
-
-    def collect(self) -> Iterator[Metric]:
-        added: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
-        for family_name, sample_name, sample_labels, reported in self.reports():
-            key = (sample_name, tuple(sorted(sample_labels.items())))
-            samples = added.setdefault(family_name, {})
-            samples[key] = samples.get(key, 0.0) + reported
-        for family in self.own.collect():
-            theirs = added.get(family.name, {})
-            merged = Metric(family.name, family.documentation, family.type, family.unit)
-            seen = set()
-            for sample in family.samples:
-                key = (sample.name, tuple(sorted(sample.labels.items())))
-                seen.add(key)
-                value = sample.value + theirs.get(key, 0.0)
-                merged.add_sample(sample.name, sample.labels, value, sample.timestamp)
-            for key, value in theirs.items():
-                if key not in seen:
-                    merged.add_sample(key[0], dict(key[1]), value)
-            yield merged
-
-
-def _report(registry: CollectorRegistry) -> list[list[Any]]:
-    return [
-        [family.name, sample.name, sample.labels, sample.value]
-        for family in registry.collect()
-        for sample in family.samples
-        if not sample.name.endswith("_created")  # a start time: nothing to add up
-    ]
 
 
 def child_main(argv: Sequence[str] | None = None) -> int:
@@ -338,6 +286,8 @@ def child_main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
 
     # Imported here: the parent imports this module for ReceiverPool without all of this.
+    from prometheus_client import CollectorRegistry
+
     from triage.db.session import create_db_engine, make_session_factory
     from triage.errors import ConfigError
     from triage.ingest.pipeline import Ingestor
@@ -358,8 +308,8 @@ def child_main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(OSError):  # triage serve is gone: the kernel ends us soon
             control.send(_encode(message))
 
-    registry = CollectorRegistry()
-    metrics = IngestMetrics(registry)
+    # Counted into the files triage serve reads (the environment it started us with).
+    metrics = IngestMetrics(CollectorRegistry())
     spool = Spool.for_settings(settings, tmp_subdir=f"receiver-{args.index}")
     spool.clear_tmp()  # what a receiver process before this one left when it died
     ingestor = Ingestor(
@@ -376,15 +326,7 @@ def child_main(argv: Sequence[str] | None = None) -> int:
         metrics=metrics,
         on_association_end=lambda studies: send({"t": "released", "studies": sorted(studies)}),
     )
-    stopping = threading.Event()
-
-    def report_metrics() -> None:
-        while not stopping.wait(METRICS_SECONDS):
-            send({"t": "metrics", "s": _report(registry)})
-
-    reporter = threading.Thread(target=report_metrics, name="metrics", daemon=True)
     listener.start(listen=False)
-    reporter.start()
     send({"t": "ready"})
     log.info("receiver process serving", extra={"receiver": args.index})
     try:
@@ -406,9 +348,7 @@ def child_main(argv: Sequence[str] | None = None) -> int:
                 on_closed=lambda c=connection: send({"t": "closed", "id": c}),  # type: ignore[misc]
             )
     finally:
-        stopping.set()
         listener.stop()
-        send({"t": "metrics", "s": _report(registry)})
         ingestor.close()
         ingestor.engine.dispose()
         session_engine.dispose()
