@@ -1,14 +1,14 @@
 """Core statements compiled once per dialect and run on the DBAPI cursor directly.
 
 SQLAlchemy's execution path (execution context, events, result objects) costs about 0.1 ms a
-statement here; the ingest path runs five statements per received instance, before it may
-answer the sender. A ``Prepared`` statement is compiled once per dialect and its parameters go
-through the column types' own bind processors, so the database sees exactly what SQLAlchemy
-would send. An INSERT or UPDATE sets the columns its parameters name (compiled once per set of
-names). Defaults are not filled in: every parameter the statement names must be given, a name
-it does not take is an error, and there are no expanding (IN list) parameters. DBAPI errors
-come out as SQLAlchemy's (IntegrityError, OperationalError, ...), as from Core, without the
-parameters in their message (they may hold patient data).
+statement here; the ingest path (``triage/ingest/index.py``) runs three statements per new
+instance before it may answer the sender. A ``Prepared`` statement is compiled once per dialect
+and its parameters go through the column types' own bind processors, so the database sees
+exactly what SQLAlchemy would send. An INSERT or UPDATE sets the columns its parameters name
+(compiled once per set of names). Defaults are not filled in: every parameter the statement
+names must be given, a name it does not take is an error, and there are no expanding (IN list)
+parameters. DBAPI errors come out as SQLAlchemy's (IntegrityError, OperationalError, ...), as
+from Core, without the parameters in their message (they may hold patient data).
 """
 
 from __future__ import annotations

@@ -1,1 +1,2 @@
-"""Pure DICOM helpers: UIDs, status codes, series to volume, tag access."""
+"""Pure DICOM encoding: DIMSE command sets, the file meta, the header reader, status names and
+UIDs. No database, network or broker code (an import-linter contract)."""

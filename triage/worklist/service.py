@@ -18,6 +18,7 @@ from triage.db.base import utcnow
 from triage.db.models import Finding, Job, Notification, PriorityChange, Study, WorklistEntry
 from triage.db.session import SessionFactory, session_scope
 from triage.domain import ReadingState, StudyStatus, WorkState
+from triage.notify import registered_channels
 from triage.worklist.policy import (
     AnalysisState,
     FindingSignal,
@@ -191,7 +192,7 @@ def _owe_notifications(
         "reason": priority.reason,
         "round": study.analysis_round,
     }
-    for channel in ("webhook", "hl7"):
+    for channel in registered_channels():  # every channel module registered
         key = f"{channel}:{study.study_uid}:{finding.model}:{study.analysis_round}"
         exists = db_session.scalar(select(Notification.id).where(Notification.dedup_key == key))
         if exists is None:
