@@ -214,6 +214,12 @@ class Settings(BaseSettings):
     # HTTP
     http_host: str = "127.0.0.1"
     http_port: Port = 8080
+    # DICOMweb: STOW-RS bodies above this are refused (413) without reading on; a body must
+    # keep arriving at the rate below, averaged from the start once the timeout has passed,
+    # and no wait for its next piece may be longer than the timeout (408 otherwise).
+    dicomweb_max_request_bytes: Annotated[int, Field(ge=1)] = 8 << 30
+    dicomweb_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    dicomweb_min_bytes_per_second: Annotated[int, Field(ge=0)] = 16_384
 
     # Storage and services
     data_dir: Path = Path("./triage-data")

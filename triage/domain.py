@@ -56,3 +56,4 @@ class PeerKind(enum.StrEnum):
 class TokenRole(enum.StrEnum):
     RADIOLOGIST = "radiologist"
     ADMIN = "admin"
+    SENDER = "sender"  # an archive or modality: may store by STOW-RS, nothing else

@@ -91,6 +91,10 @@ class TriageService:
             spool=self.spool,
             engine=create_db_engine(settings.database_url, rebuildable=True),
             metrics=self.metrics,
+            # STOW-RS writes here beside the receiver processes: queue on their lock.
+            writers_lock=(
+                settings.data_dir / "ingest.lock" if settings.dicom_processes > 1 else None
+            ),
         )
         self.listener: DicomListener | ReceiverPool
         if settings.dicom_processes > 1:
@@ -146,7 +150,15 @@ class TriageService:
         reconcile_spool(ingestor=self.ingestor, session_factory=self.session_factory)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
-        app = create_app(settings, self.session_factory, self.registry, self.sender, self.stopping)
+        app = create_app(
+            settings,
+            self.session_factory,
+            self.registry,
+            self.sender,
+            self.stopping,
+            ingestor=self.ingestor,
+            on_request_end=self.watcher.association_ended,
+        )
         self._http = _HttpServer(
             uvicorn.Config(
                 app,

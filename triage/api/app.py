@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from importlib.resources import files
 
 from fastapi import FastAPI, Response
@@ -12,12 +13,14 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from triage import __version__
+from triage.api import dicomweb
 from triage.api.deps import AnyCaller
 from triage.api.routes import router
 from triage.api.schemas import Health, Unhealthy
 from triage.broker import TaskSender
 from triage.config import Settings
 from triage.db.session import SessionFactory, session_scope
+from triage.ingest.pipeline import Ingestor
 
 
 def create_app(
@@ -26,8 +29,13 @@ def create_app(
     registry: CollectorRegistry,
     sender: TaskSender | None = None,
     stopping: threading.Event | None = None,
+    *,
+    ingestor: Ingestor | None = None,
+    on_request_end: Callable[[set[str]], None] | None = None,
 ) -> FastAPI:
-    """``stopping`` ends open event streams when the service shuts down."""
+    """``stopping`` ends open event streams when the service shuts down. ``ingestor`` takes
+    STOW-RS instances (without it STOW-RS answers 503); ``on_request_end`` is told the studies
+    a STOW-RS request stored into, as an association's end is."""
     app = FastAPI(
         title="triage",
         version=__version__,
@@ -39,7 +47,10 @@ def create_app(
     app.state.session_factory = session_factory
     app.state.sender = sender or TaskSender(settings)
     app.state.stopping = stopping or threading.Event()
+    app.state.ingestor = ingestor
+    app.state.on_request_end = on_request_end
     app.include_router(router)
+    app.include_router(dicomweb.router)
     page = files("triage.api").joinpath("static/worklist.html").read_text()
 
     @app.get(

@@ -1,13 +1,15 @@
-"""Request dependencies: a database session per request, and bearer-token authentication."""
+"""Request dependencies: a database session per request, and token authentication (bearer,
+or HTTP Basic with the token as password)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from triage.api.tokens import verify_token
@@ -15,7 +17,6 @@ from triage.config import Settings
 from triage.db.session import session_scope
 from triage.domain import TokenRole
 
-_bearer = HTTPBearer(auto_error=False)
 EVENTS_PATH = "/api/events"
 
 
@@ -41,26 +42,38 @@ class ApiCaller:
     role: TokenRole
 
 
-def _authenticate(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> ApiCaller:
-    token = credentials.credentials if credentials else None
+def _credentials(request: Request) -> tuple[str | None, str | None]:
+    """(token, the user name it came with) from ``Authorization``: Bearer, or Basic for
+    archives that only do Basic (the token's name as user, the token as password)."""
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    value = value.strip()
+    if scheme.lower() == "bearer" and value:
+        return value, None
+    if scheme.lower() == "basic" and value:
+        try:
+            user, _, password = base64.b64decode(value, validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return None, None
+        return password or None, user
+    return None, None
+
+
+def _authenticate(request: Request) -> ApiCaller:
+    token, user = _credentials(request)
     if token is None and request.url.path == EVENTS_PATH:
         token = request.query_params.get("token")  # EventSource cannot send headers
+    challenge = {"WWW-Authenticate": 'Bearer, Basic realm="triage"'}
     if not token:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
-            "a bearer token is required",
-            headers={"WWW-Authenticate": "Bearer"},
+            "a bearer token (or HTTP Basic: token name and token) is required",
+            headers=challenge,
         )
     with session_scope(request.app.state.session_factory) as session:
         row = verify_token(db_session=session, token=token)
-        if row is None:
+        if row is None or (user is not None and user != row.name):
             raise HTTPException(
-                status.HTTP_401_UNAUTHORIZED,
-                "unknown or revoked token",
-                headers={"WWW-Authenticate": "Bearer"},
+                status.HTTP_401_UNAUTHORIZED, "unknown or revoked token", headers=challenge
             )
         return ApiCaller(row.name, row.role)
 
@@ -78,3 +91,4 @@ def require(*roles: TokenRole) -> Callable[..., ApiCaller]:
 
 AnyCaller = Annotated[ApiCaller, Depends(require(TokenRole.RADIOLOGIST, TokenRole.ADMIN))]
 AdminCaller = Annotated[ApiCaller, Depends(require(TokenRole.ADMIN))]
+StoreCaller = Annotated[ApiCaller, Depends(require(TokenRole.SENDER, TokenRole.ADMIN))]

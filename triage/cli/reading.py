@@ -117,7 +117,9 @@ def study_show(
 @tokens_app.command("create")
 def tokens_create(
     name: Annotated[str, typer.Argument(help="Who or what uses the token, e.g. dr.smith.")],
-    role: Annotated[TokenRole, typer.Option(help="radiologist or admin.")] = TokenRole.RADIOLOGIST,
+    role: Annotated[
+        TokenRole, typer.Option(help="radiologist, admin, or sender (STOW-RS only, for archives).")
+    ] = TokenRole.RADIOLOGIST,
     config: ConfigOption = None,
 ) -> None:
     """Create a token and print it once; only its hash is kept."""

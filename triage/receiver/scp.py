@@ -13,8 +13,6 @@ import ssl
 import threading
 from collections.abc import Callable
 
-from pynetdicom import AllStoragePresentationContexts
-
 from triage import __version__
 from triage.audit import record_rejection
 from triage.config import Settings, TlsFiles
@@ -26,6 +24,7 @@ from triage.dicom.uids import IMPLEMENTATION_CLASS_UID, implementation_version_n
 from triage.errors import DatasetMismatchError, DicomInputError, OutOfResourcesError
 from triage.ingest.pipeline import Ingestor
 from triage.metrics import IngestMetrics
+from triage.receiver.accepted import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
 from triage.receiver.policy import CallerPolicy
 from triage.receiver.upper import (
     CALLED_AE_NOT_RECOGNISED,
@@ -44,30 +43,6 @@ from triage.storage.spool import IncomingFile
 log = logging.getLogger(__name__)
 
 VERIFICATION = "1.2.840.10008.1.1"
-
-# The transfer syntaxes modalities and PACS send, compressed ones included. Nothing is decoded
-# here, but a syntax the workers cannot read is better refused at negotiation than stored.
-COMMON_TRANSFER_SYNTAXES = [
-    "1.2.840.10008.1.2",  # Implicit VR Little Endian
-    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
-    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
-    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent)
-    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
-    "1.2.840.10008.1.2.4.51",  # JPEG Extended
-    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
-    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
-    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
-    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
-    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
-    "1.2.840.10008.1.2.4.91",  # JPEG 2000
-    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
-    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
-    "1.2.840.10008.1.2.4.203",  # HTJ2K
-    "1.2.840.10008.1.2.5",  # RLE Lossless
-    "1.2.840.10008.1.2.4.100",  # MPEG2 Main Profile (video storage)
-    "1.2.840.10008.1.2.4.102",  # MPEG-4 AVC/H.264
-    "1.2.840.10008.1.2.4.107",  # HEVC/H.265
-]
 
 
 AssociationEnded = Callable[[set[str]], None]
@@ -244,11 +219,8 @@ class DicomListener:
         self._lock = threading.Lock()
         self._server: AcceptorServer | None = None
         self._contexts = supported_contexts(
-            [(VERIFICATION, COMMON_TRANSFER_SYNTAXES[:3])]
-            + [
-                (str(context.abstract_syntax), COMMON_TRANSFER_SYNTAXES)
-                for context in AllStoragePresentationContexts
-            ]
+            [(VERIFICATION, ACCEPTED_TRANSFER_SYNTAXES[:3])]
+            + [(sop_class, ACCEPTED_TRANSFER_SYNTAXES) for sop_class in STORAGE_SOP_CLASSES]
         )
         metrics.associations.set_function(
             lambda: self._server.active_count() if self._server is not None else 0

@@ -1,0 +1,190 @@
+"""DICOMweb routes under ``/dicom-web``: STOW-RS (PS3.18 10.5).
+
+The body is read piece by piece as it arrives and each piece handed to a worker thread that
+parses it and writes the spool (``triage.dicomweb.stow``); the event loop only moves bytes.
+A body declared or found larger than ``dicomweb_max_request_bytes`` (inflated size, where
+the body is gzip- or deflate-encoded) is answered 413 without reading on; a body that
+arrives too slowly (``dicomweb_timeout_seconds``, ``dicomweb_min_bytes_per_second``) 408.
+Both close the connection. The end of a request that stored instances counts as the end of
+an association for study completion.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated
+
+import anyio
+from fastapi import APIRouter, Path, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from triage.api.deps import StoreCaller
+from triage.config import Settings
+from triage.dicom.uids import is_valid_uid
+from triage.dicomweb.stow import (
+    DICOM,
+    StowRequest,
+    StowSyntaxError,
+    media_type,
+    response_body,
+)
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/dicom-web", tags=["dicomweb"])
+
+DICOM_JSON = "application/dicom+json"
+INFLATE_PIECE = 1 << 20
+"""The most one step of inflating a compressed body produces."""
+
+StudyUid = Annotated[str, Path(description="Study Instance UID the instances must belong to.")]
+
+
+class _Refused(Exception):
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+
+
+def _error(status_code: int, message: str, *, close: bool = False) -> JSONResponse:
+    """A refused request: logged, answered with its reason."""
+    log.warning("STOW-RS request refused: %s", message, extra={"status": status_code})
+    headers = {"Connection": "close"} if close else None
+    return JSONResponse({"detail": message}, status_code=status_code, headers=headers)
+
+
+_STORE_RESPONSES: dict[int | str, dict[str, object]] = {
+    200: {"description": "Every instance stored (Store Instances Response, DICOM JSON)."},
+    202: {"description": "Some stored; the Failed SOP Sequence names the others and why."},
+    400: {"description": "The body is not a multipart/related message we can read."},
+    408: {"description": "The body arrived too slowly."},
+    409: {"description": "No instance stored; the Failed SOP Sequence says why for each."},
+    413: {"description": "The body is larger than dicomweb_max_request_bytes."},
+    415: {"description": 'Not multipart/related; type="application/dicom".'},
+}
+
+
+@router.post("/studies", responses=_STORE_RESPONSES, response_class=Response)
+async def store_instances(request: Request, caller: StoreCaller) -> Response:
+    """STOW-RS: store the instances of a multipart/related body (any studies)."""
+    return await _store(request, caller.name, None)
+
+
+@router.post("/studies/{study}", responses=_STORE_RESPONSES, response_class=Response)
+async def store_study_instances(request: Request, caller: StoreCaller, study: StudyUid) -> Response:
+    """STOW-RS: store the instances of a multipart/related body, all of study ``study``."""
+    if not is_valid_uid(study):
+        return _error(400, "the study in the path is not a valid UID")
+    return await _store(request, caller.name, study)
+
+
+async def _store(request: Request, caller: str, study_uid: str | None) -> Response:
+    settings: Settings = request.app.state.settings
+    ingestor = request.app.state.ingestor
+    if ingestor is None:
+        return _error(503, "this server does not take instances over HTTP")
+    kind, params = media_type(request.headers.get("content-type", ""))
+    if kind != "multipart/related" or params.get("type", DICOM).lower() != DICOM:
+        return _error(415, f'send multipart/related; type="{DICOM}" (got {kind or "nothing"})')
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("identity", "gzip", "deflate"):
+        return _error(415, f"Content-Encoding {encoding} is not supported (gzip, deflate)")
+    limit = settings.dicomweb_max_request_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return _error(413, f"the body is over the {limit}-byte limit", close=True)
+    try:
+        stow = StowRequest(
+            ingestor=ingestor,
+            session_factory=request.app.state.session_factory,
+            boundary=params.get("boundary", ""),
+            study_uid=study_uid,
+            caller=caller,
+            address=request.client.host if request.client else None,
+        )
+    except StowSyntaxError as exc:
+        return _error(400, str(exc))
+    try:
+        async for piece in _body(request, settings, encoding):
+            await run_in_threadpool(stow.feed, piece)
+    except _Refused as refused:
+        await run_in_threadpool(stow.abort)
+        return _error(refused.status_code, refused.message, close=True)
+    except BaseException:
+        await run_in_threadpool(stow.abort)  # client gone: nothing of the part in progress kept
+        raise
+    result = await run_in_threadpool(stow.finish)
+    if result.studies:
+        on_end: Callable[[set[str]], None] | None = request.app.state.on_request_end
+        if on_end is not None:
+            on_end(result.studies)
+    log.info(
+        "STOW-RS request",
+        extra={
+            "caller": caller,
+            "stored": len(result.stored),
+            "failed": len(result.failed),
+            "study_uid": study_uid,
+        },
+    )
+    code = result.http_status()
+    if code == 400 and not result.failed:
+        return _error(400, result.syntax_error or "no instance in the body")
+    body = response_body(result, str(request.base_url) + "dicom-web", study_uid)
+    return JSONResponse(body, status_code=code, media_type=DICOM_JSON)
+
+
+async def _body(request: Request, settings: Settings, encoding: str) -> AsyncIterator[bytes]:
+    """The body's pieces, inflated, within the size, time and rate limits (_Refused)."""
+    limit = settings.dicomweb_max_request_bytes
+    timeout = settings.dicomweb_timeout_seconds
+    started = time.monotonic()
+    received = produced = 0
+    inflater = (
+        zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+        if encoding != "identity"
+        else None
+    )
+    pieces = request.stream().__aiter__()
+    while True:
+        try:
+            with anyio.fail_after(timeout):
+                piece = await pieces.__anext__()
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise _Refused(408, f"no data for {timeout:g} s") from None
+        received += len(piece)
+        elapsed = time.monotonic() - started
+        if elapsed > timeout and received < elapsed * settings.dicomweb_min_bytes_per_second:
+            raise _Refused(408, "the body arrives too slowly") from None
+        if inflater is None:
+            if received > limit:
+                raise _Refused(413, f"the body is over the {limit}-byte limit")
+            if piece:
+                yield piece
+            continue
+        pending = piece
+        while pending:
+            try:
+                out = inflater.decompress(pending, INFLATE_PIECE)
+            except zlib.error:
+                raise _Refused(400, f"the body is not valid {encoding} data") from None
+            pending = inflater.unconsumed_tail
+            produced += len(out)
+            if produced > limit:
+                raise _Refused(413, f"the inflated body is over the {limit}-byte limit")
+            if out:
+                yield out
+    if inflater is not None:
+        rest = inflater.flush()
+        produced += len(rest)
+        if produced > limit:
+            raise _Refused(413, f"the inflated body is over the {limit}-byte limit")
+        if rest:
+            yield rest

@@ -1,0 +1,1 @@
+"""DICOMweb served by triage: STOW-RS ingest (``stow``)."""
