@@ -214,6 +214,7 @@ class Settings(BaseSettings):
     # HTTP
     http_host: str = "127.0.0.1"
     http_port: Port = 8080
+    http_tls: TlsFiles | None = None  # HTTPS: tokens and patient data off loopback need it
     # DICOMweb: STOW-RS bodies above this are refused (413) without reading on; a body must
     # keep arriving at the rate below, averaged from the start once the timeout has passed,
     # and no wait for its next piece may be longer than the timeout (408 otherwise).

@@ -7,10 +7,12 @@ import fcntl
 import logging
 import os
 import signal
+import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from prometheus_client import CollectorRegistry
@@ -18,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from triage import __version__
 from triage.api.app import create_app
 from triage.broker import TaskSender
-from triage.config import Settings
+from triage.config import Settings, TlsFiles
 from triage.db import migrate
 from triage.db.session import create_db_engine, make_session_factory
 from triage.embedded import LocalWorkers
@@ -60,6 +62,19 @@ def hold_data_dir(data_dir: Path) -> int:
         os.close(fd)
         raise DataDirInUseError(f"another triage serve is using {data_dir}") from None
     return fd
+
+
+def _https(tls: TlsFiles | None) -> dict[str, Any]:
+    """uvicorn's TLS options for ``http_tls`` (a client certificate checked against ``ca_file``
+    when ``require_client_cert``)."""
+    if tls is None:
+        return {}
+    return {
+        "ssl_certfile": str(tls.cert_file),
+        "ssl_keyfile": str(tls.key_file),
+        "ssl_ca_certs": str(tls.ca_file) if tls.ca_file else None,
+        "ssl_cert_reqs": ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE,
+    }
 
 
 class TriageService:
@@ -167,6 +182,7 @@ class TriageService:
                 log_level=settings.log_level.lower(),
                 access_log=False,
                 timeout_graceful_shutdown=5,
+                **_https(settings.http_tls),
             )
         )
         log.info(

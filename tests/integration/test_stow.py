@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import base64
 import gzip
+import json
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -30,6 +32,7 @@ from sqlalchemy import func, select
 from tests.conftest import free_port
 from tests.helpers.instances import ct_study
 from tests.helpers.process import VENV_BIN, port_open, running, wait_for
+from tests.helpers.tls import make_cert
 from triage.db.models import Instance, Study
 from triage.db.session import create_db_engine, make_session_factory, session_scope
 from triage.domain import StudyStatus
@@ -308,3 +311,44 @@ def test_a_new_study_uid_in_the_path_need_not_exist(server: Server, tmp_path: Pa
     datasets = [dcmread(path) for path in ct_study(tmp_path, 2, study_uid=study_uid).paths]
     answer = client(server).store_instances(datasets, study_instance_uid=study_uid)
     assert len(answer.ReferencedSOPSequence) == 2
+
+
+def test_https_served_by_triage_itself(tmp_path: Path) -> None:
+    cert, key = make_cert(tmp_path, "server")
+    data_dir, http_port = tmp_path / "data", free_port()
+    env = {
+        "TRIAGE_DATA_DIR": str(data_dir),
+        "TRIAGE_DICOM_PORT": str(free_port()),
+        "TRIAGE_HTTP_PORT": str(http_port),
+        "TRIAGE_HTTP_TLS": json.dumps({"cert_file": str(cert), "key_file": str(key)}),
+        "TRIAGE_SPOOL_MIN_FREE_MB": "1",
+        "TRIAGE_WORKERS": "0",
+    }
+    with running(
+        [str(VENV_BIN / "triage"), "serve"],
+        env=env,
+        log_file=tmp_path / "serve.log",
+        ready=lambda: port_open(http_port),
+    ):
+        token = _token(data_dir, "archive", "sender")
+        path = ct_study(tmp_path / "s", 1).paths[0]
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(cert))) as https:
+            wait_for(
+                lambda: https.get(f"https://127.0.0.1:{http_port}/healthz").status_code == 200,
+                timeout=20,
+                what="HTTPS to answer",
+            )
+            reply = https.post(
+                f"https://127.0.0.1:{http_port}/dicom-web/studies",
+                content=multipart(path.read_bytes()),
+                headers={
+                    "Content-Type": (
+                        f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+                    ),
+                    "Authorization": f"Bearer {token}",
+                },
+            )
+            assert reply.status_code == 200, reply.text
+        # Plain HTTP on the same port gets no answer it could take for one.
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{http_port}/healthz", timeout=5).raise_for_status()
