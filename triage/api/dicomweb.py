@@ -1,4 +1,4 @@
-"""DICOMweb routes under ``/dicom-web``: STOW-RS (PS3.18 10.5).
+"""DICOMweb routes under ``/dicom-web``: STOW-RS (PS3.18 10.5) and QIDO-RS (10.6).
 
 The body is read piece by piece as it arrives and each piece handed to a worker thread that
 parses it and writes the spool (``triage.dicomweb.stow``); the event loop only moves bytes.
@@ -20,11 +20,13 @@ from typing import Annotated
 import anyio
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, Response
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from triage.api.deps import StoreCaller
+from triage.api.deps import AnyCaller, DbSession, StoreCaller
 from triage.config import Settings
 from triage.dicom.uids import is_valid_uid
+from triage.dicomweb.qido import Level, QueryError, parse_query, search
 from triage.dicomweb.stow import (
     DICOM,
     StowRequest,
@@ -53,7 +55,7 @@ class _Refused(Exception):
 
 def _error(status_code: int, message: str, *, close: bool = False) -> JSONResponse:
     """A refused request: logged, answered with its reason."""
-    log.warning("STOW-RS request refused: %s", message, extra={"status": status_code})
+    log.warning("DICOMweb request refused: %s", message, extra={"status": status_code})
     headers = {"Connection": "close"} if close else None
     return JSONResponse({"detail": message}, status_code=status_code, headers=headers)
 
@@ -188,3 +190,83 @@ async def _body(request: Request, settings: Settings, encoding: str) -> AsyncIte
             raise _Refused(413, f"the inflated body is over the {limit}-byte limit")
         if rest:
             yield rest
+
+
+# -- QIDO-RS -------------------------------------------------------------------------------------
+
+SeriesUid = Annotated[str, Path(description="Series Instance UID.")]
+_SEARCH_RESPONSES: dict[int | str, dict[str, object]] = {
+    200: {
+        "description": "The matches, DICOM JSON (application/dicom+json), possibly none.",
+        "content": {DICOM_JSON: {"schema": {"type": "array", "items": {"type": "object"}}}},
+    },
+    400: {"description": "A query key that is not an attribute we index, or a bad value."},
+}
+
+
+def _search(request: Request, session: Session, level: Level, fixed: dict[str, str]) -> Response:
+    for uid in fixed.values():
+        if not is_valid_uid(uid):
+            return _error(400, f"{uid!r} in the path is not a valid UID")
+    try:
+        query = parse_query(level, list(request.query_params.multi_items()), fixed=fixed)
+    except QueryError as exc:
+        return _error(400, str(exc))
+    base = str(request.base_url) + "dicom-web"
+
+    def retrieve_url(uids: dict[str, str]) -> str:
+        url = f"{base}/studies/{uids['study']}"
+        if level is not Level.STUDY:
+            url += f"/series/{uids['series']}"
+        if level is Level.INSTANCE:
+            url += f"/instances/{uids['instance']}"
+        return url
+
+    return JSONResponse(search(session, query, retrieve_url), media_type=DICOM_JSON)
+
+
+@router.get("/studies", responses=_SEARCH_RESPONSES, response_class=Response)
+def search_studies(request: Request, caller: AnyCaller, session: DbSession) -> Response:
+    """QIDO-RS: search for studies."""
+    return _search(request, session, Level.STUDY, {})
+
+
+@router.get("/series", responses=_SEARCH_RESPONSES, response_class=Response)
+def search_series(request: Request, caller: AnyCaller, session: DbSession) -> Response:
+    """QIDO-RS: search for series, in any study."""
+    return _search(request, session, Level.SERIES, {})
+
+
+@router.get("/instances", responses=_SEARCH_RESPONSES, response_class=Response)
+def search_instances(request: Request, caller: AnyCaller, session: DbSession) -> Response:
+    """QIDO-RS: search for instances, in any study."""
+    return _search(request, session, Level.INSTANCE, {})
+
+
+@router.get("/studies/{study}/series", responses=_SEARCH_RESPONSES, response_class=Response)
+def search_study_series(
+    request: Request, caller: AnyCaller, session: DbSession, study: StudyUid
+) -> Response:
+    """QIDO-RS: search for the series of a study."""
+    return _search(request, session, Level.SERIES, {"StudyInstanceUID": study})
+
+
+@router.get("/studies/{study}/instances", responses=_SEARCH_RESPONSES, response_class=Response)
+def search_study_instances(
+    request: Request, caller: AnyCaller, session: DbSession, study: StudyUid
+) -> Response:
+    """QIDO-RS: search for the instances of a study."""
+    return _search(request, session, Level.INSTANCE, {"StudyInstanceUID": study})
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances",
+    responses=_SEARCH_RESPONSES,
+    response_class=Response,
+)
+def search_series_instances(
+    request: Request, caller: AnyCaller, session: DbSession, study: StudyUid, series: SeriesUid
+) -> Response:
+    """QIDO-RS: search for the instances of a series."""
+    fixed = {"StudyInstanceUID": study, "SeriesInstanceUID": series}
+    return _search(request, session, Level.INSTANCE, fixed)

@@ -1,4 +1,5 @@
-"""STOW-RS into a real ``triage serve``: dicomweb-client and raw HTTP as the clients.
+"""DICOMweb of a real ``triage serve``: STOW-RS and QIDO-RS, with dicomweb-client and raw HTTP
+as the clients.
 
 Expected failure reasons come from the standard, not from triage: 0xC000 is PS3.4's "Cannot
 understand" (the Cxxx class PS3.18 10.5.3 lists for a Store Instances failure), 0x0122 "SOP
@@ -352,3 +353,35 @@ def test_https_served_by_triage_itself(tmp_path: Path) -> None:
         # Plain HTTP on the same port gets no answer it could take for one.
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{http_port}/healthz", timeout=5).raise_for_status()
+
+
+def test_qido_rs_over_http(server: Server, tmp_path: Path) -> None:
+    study = ct_study(tmp_path, 2)
+    datasets = [dcmread(path) for path in study.paths]
+    client(server).store_instances(datasets)
+    reader = DICOMwebClient(
+        f"{server.url}/dicom-web",
+        headers={"Authorization": f"Bearer {server.radiologist_token}"},
+    )
+    found = reader.search_for_studies(search_filters={"StudyInstanceUID": study.study_uid})
+    assert len(found) == 1
+    assert found[0]["00201208"]["Value"] == [2]
+    # From the Host header, which dicomweb-client (requests) sends without the port.
+    assert found[0]["00081190"]["Value"][0].endswith(f"/dicom-web/studies/{study.study_uid}")
+    instances = reader.search_for_instances(
+        study_instance_uid=study.study_uid, series_instance_uid=study.series_uid
+    )
+    assert {item["00080018"]["Value"][0] for item in instances} == {
+        ds.SOPInstanceUID for ds in datasets
+    }
+    bad = httpx.get(
+        f"{server.url}/dicom-web/studies?NoSuchAttribute=1",
+        headers={"Authorization": f"Bearer {server.radiologist_token}"},
+    )
+    assert bad.status_code == 400
+    assert "NoSuchAttribute" in bad.json()["detail"]
+    sender = httpx.get(
+        f"{server.url}/dicom-web/studies",
+        headers={"Authorization": f"Bearer {server.sender_token}"},
+    )
+    assert sender.status_code == 403  # a sender stores, and reads nothing
