@@ -385,3 +385,64 @@ def test_qido_rs_over_http(server: Server, tmp_path: Path) -> None:
         headers={"Authorization": f"Bearer {server.sender_token}"},
     )
     assert sender.status_code == 403  # a sender stores, and reads nothing
+
+
+def _parts(reply: httpx.Response) -> list[bytes]:
+    """The bodies of a multipart/related answer (RFC 2046), split by hand."""
+    boundary = reply.headers["content-type"].split("boundary=")[1].split(";")[0].strip('"')
+    delimiter = f"--{boundary}".encode()
+    pieces = reply.content.split(b"\r\n" + delimiter)
+    first = pieces[0].removeprefix(delimiter)
+    bodies = []
+    for piece in [first, *pieces[1:]]:
+        if piece.startswith(b"--"):
+            break  # the close delimiter
+        bodies.append(piece.split(b"\r\n\r\n", 1)[1])
+    return bodies
+
+
+def test_wado_rs_gives_back_what_was_stored(server: Server, tmp_path: Path) -> None:
+    study = ct_study(tmp_path, 3)
+    sent = {dcmread(path).SOPInstanceUID: path.read_bytes() for path in study.paths}
+    assert post(server, multipart(*sent.values())).status_code == 200
+    reader = DICOMwebClient(
+        f"{server.url}/dicom-web",
+        headers={"Authorization": f"Bearer {server.radiologist_token}"},
+    )
+    auth = {"Authorization": f"Bearer {server.radiologist_token}"}
+    base = f"{server.url}/dicom-web/studies/{study.study_uid}"
+
+    # The study, byte for byte, in the order stored.
+    reply = httpx.get(
+        base, headers={**auth, "Accept": 'multipart/related; type="application/dicom"'}
+    )
+    assert reply.status_code == 200
+    assert _parts(reply) == list(sent.values())
+    # dicomweb-client reads the same as data sets.
+    datasets = reader.retrieve_study(study.study_uid)
+    assert [ds.SOPInstanceUID for ds in datasets] == list(sent)
+    one_uid = next(iter(sent))
+    one = reader.retrieve_instance(study.study_uid, study.series_uid, one_uid)
+    assert one.SOPInstanceUID == one_uid
+    assert len(reader.retrieve_series(study.study_uid, study.series_uid)) == 3
+
+    # Metadata: attributes, the pixel data by reference to the frames.
+    metadata = reader.retrieve_series_metadata(study.study_uid, study.series_uid)
+    assert len(metadata) == 3
+    first = metadata[0]
+    assert first["00080018"]["Value"] == [one_uid]
+    assert "Value" not in first["7FE00010"]
+    assert first["7FE00010"]["BulkDataURI"].endswith(f"/instances/{one_uid}/frames/1")
+    # Frames as stored (CT_small is uncompressed).
+    frames = reader.retrieve_instance_frames(study.study_uid, study.series_uid, one_uid, [1])
+    assert frames == [dcmread(study.paths[0]).PixelData]
+
+    # A transfer syntax other than the one held: 406; nothing held: 404.
+    jpeg = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.50'
+    assert httpx.get(base, headers={**auth, "Accept": jpeg}).status_code == 406
+    assert httpx.get(base, headers={**auth, "Accept": "text/html"}).status_code == 406
+    missing = f"{server.url}/dicom-web/studies/{generate_uid()}"
+    assert httpx.get(missing, headers=auth).status_code == 404
+    assert httpx.get(f"{server.url}/dicom-web/studies/1.2.x", headers=auth).status_code == 400
+    sender = {"Authorization": f"Bearer {server.sender_token}"}
+    assert httpx.get(base, headers=sender).status_code == 403

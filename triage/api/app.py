@@ -21,6 +21,7 @@ from triage.broker import TaskSender
 from triage.config import Settings
 from triage.db.session import SessionFactory, session_scope
 from triage.ingest.pipeline import Ingestor
+from triage.storage.spool import Spool
 
 
 def create_app(
@@ -48,6 +49,7 @@ def create_app(
     app.state.sender = sender or TaskSender(settings)
     app.state.stopping = stopping or threading.Event()
     app.state.ingestor = ingestor
+    app.state.spool = ingestor.spool if ingestor is not None else Spool.for_settings(settings)
     app.state.on_request_end = on_request_end
     app.include_router(router)
     app.include_router(dicomweb.router)

@@ -92,3 +92,5 @@ def require(*roles: TokenRole) -> Callable[..., ApiCaller]:
 AnyCaller = Annotated[ApiCaller, Depends(require(TokenRole.RADIOLOGIST, TokenRole.ADMIN))]
 AdminCaller = Annotated[ApiCaller, Depends(require(TokenRole.ADMIN))]
 StoreCaller = Annotated[ApiCaller, Depends(require(TokenRole.SENDER, TokenRole.ADMIN))]
+ReadCaller = Annotated[ApiCaller, Depends(require(TokenRole.RADIOLOGIST, TokenRole.ADMIN))]
+"""Who may read images over DICOMweb (QIDO-RS, WADO-RS)."""

@@ -1,4 +1,5 @@
-"""DICOMweb routes under ``/dicom-web``: STOW-RS (PS3.18 10.5) and QIDO-RS (10.6).
+"""DICOMweb routes under ``/dicom-web``: STOW-RS (PS3.18 10.5), QIDO-RS (10.6) and WADO-RS
+(10.4).
 
 The body is read piece by piece as it arrives and each piece handed to a worker thread that
 parses it and writes the spool (``triage.dicomweb.stow``); the event loop only moves bytes.
@@ -13,17 +14,18 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 import zlib
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Path, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from triage.api.deps import AnyCaller, DbSession, StoreCaller
+from triage.api.deps import DbSession, ReadCaller, StoreCaller
 from triage.config import Settings
 from triage.dicom.uids import is_valid_uid
 from triage.dicomweb.qido import Level, QueryError, parse_query, search
@@ -33,6 +35,19 @@ from triage.dicomweb.stow import (
     StowSyntaxError,
     media_type,
     response_body,
+)
+from triage.dicomweb.wado import (
+    Held,
+    NotAcceptable,
+    NotFound,
+    accepted_syntaxes,
+    bulk_value,
+    check_syntaxes,
+    frames,
+    instances,
+    metadata,
+    multipart_frames,
+    multipart_instances,
 )
 
 log = logging.getLogger(__name__)
@@ -226,26 +241,26 @@ def _search(request: Request, session: Session, level: Level, fixed: dict[str, s
 
 
 @router.get("/studies", responses=_SEARCH_RESPONSES, response_class=Response)
-def search_studies(request: Request, caller: AnyCaller, session: DbSession) -> Response:
+def search_studies(request: Request, caller: ReadCaller, session: DbSession) -> Response:
     """QIDO-RS: search for studies."""
     return _search(request, session, Level.STUDY, {})
 
 
 @router.get("/series", responses=_SEARCH_RESPONSES, response_class=Response)
-def search_series(request: Request, caller: AnyCaller, session: DbSession) -> Response:
+def search_series(request: Request, caller: ReadCaller, session: DbSession) -> Response:
     """QIDO-RS: search for series, in any study."""
     return _search(request, session, Level.SERIES, {})
 
 
 @router.get("/instances", responses=_SEARCH_RESPONSES, response_class=Response)
-def search_instances(request: Request, caller: AnyCaller, session: DbSession) -> Response:
+def search_instances(request: Request, caller: ReadCaller, session: DbSession) -> Response:
     """QIDO-RS: search for instances, in any study."""
     return _search(request, session, Level.INSTANCE, {})
 
 
 @router.get("/studies/{study}/series", responses=_SEARCH_RESPONSES, response_class=Response)
 def search_study_series(
-    request: Request, caller: AnyCaller, session: DbSession, study: StudyUid
+    request: Request, caller: ReadCaller, session: DbSession, study: StudyUid
 ) -> Response:
     """QIDO-RS: search for the series of a study."""
     return _search(request, session, Level.SERIES, {"StudyInstanceUID": study})
@@ -253,7 +268,7 @@ def search_study_series(
 
 @router.get("/studies/{study}/instances", responses=_SEARCH_RESPONSES, response_class=Response)
 def search_study_instances(
-    request: Request, caller: AnyCaller, session: DbSession, study: StudyUid
+    request: Request, caller: ReadCaller, session: DbSession, study: StudyUid
 ) -> Response:
     """QIDO-RS: search for the instances of a study."""
     return _search(request, session, Level.INSTANCE, {"StudyInstanceUID": study})
@@ -265,8 +280,214 @@ def search_study_instances(
     response_class=Response,
 )
 def search_series_instances(
-    request: Request, caller: AnyCaller, session: DbSession, study: StudyUid, series: SeriesUid
+    request: Request, caller: ReadCaller, session: DbSession, study: StudyUid, series: SeriesUid
 ) -> Response:
     """QIDO-RS: search for the instances of a series."""
     fixed = {"StudyInstanceUID": study, "SeriesInstanceUID": series}
     return _search(request, session, Level.INSTANCE, fixed)
+
+
+# -- WADO-RS -------------------------------------------------------------------------------------
+
+InstanceUid = Annotated[str, Path(description="SOP Instance UID.")]
+BulkTag = Annotated[
+    str, Path(description="The attribute's tag, 8 hex digits.", pattern="^[0-9A-Fa-f]{8}$")
+]
+_RETRIEVE_RESPONSES: dict[int | str, dict[str, object]] = {
+    200: {
+        "description": 'The instances as stored, multipart/related; type="application/dicom".',
+        "content": {"multipart/related": {}},
+    },
+    404: {"description": "Nothing held under these UIDs."},
+    406: {"description": "The Accept header takes none of the transfer syntaxes held."},
+}
+_METADATA_RESPONSES: dict[int | str, dict[str, object]] = {
+    200: {
+        "description": "DICOM JSON of each instance, bulk data by reference.",
+        "content": {DICOM_JSON: {"schema": {"type": "array", "items": {"type": "object"}}}},
+    },
+    404: {"description": "Nothing held under these UIDs."},
+}
+
+
+def _held(
+    request: Request, session: Session, study: str, series: str | None, instance: str | None
+) -> list[Held]:
+    for uid in filter(None, (study, series, instance)):
+        if not is_valid_uid(uid):
+            raise _Refused(400, f"{uid!r} in the path is not a valid UID")
+    try:
+        return instances(session, request.app.state.spool, study, series, instance)
+    except NotFound as exc:
+        raise _Refused(404, str(exc)) from None
+
+
+def _retrieve(
+    request: Request, session: Session, study: str, series: str | None, instance: str | None
+) -> Response:
+    try:
+        held = _held(request, session, study, series, instance)
+        syntaxes = accepted_syntaxes(request.headers.get("accept", ""), DICOM)
+        check_syntaxes(held, syntaxes)
+    except _Refused as refused:
+        return _error(refused.status_code, refused.message)
+    except NotAcceptable as exc:
+        return _error(406, str(exc))
+    boundary = uuid.uuid4().hex
+    return StreamingResponse(
+        multipart_instances(held, boundary),
+        media_type=f'multipart/related; type="{DICOM}"; boundary={boundary}',
+    )
+
+
+def _metadata(
+    request: Request, session: Session, study: str, series: str | None, instance: str | None
+) -> Response:
+    try:
+        held = _held(request, session, study, series, instance)
+    except _Refused as refused:
+        return _error(refused.status_code, refused.message)
+    base = str(request.base_url) + "dicom-web"
+    body = [
+        metadata(
+            item,
+            f"{base}/studies/{item.study_uid}/series/{item.series_uid}"
+            f"/instances/{item.sop_instance_uid}",
+        )
+        for item in held
+    ]
+    return JSONResponse(body, media_type=DICOM_JSON)
+
+
+@router.get("/studies/{study}", responses=_RETRIEVE_RESPONSES, response_class=Response)
+def retrieve_study(
+    request: Request, caller: ReadCaller, session: DbSession, study: StudyUid
+) -> Response:
+    """WADO-RS: every instance of a study, as stored."""
+    return _retrieve(request, session, study, None, None)
+
+
+@router.get(
+    "/studies/{study}/series/{series}", responses=_RETRIEVE_RESPONSES, response_class=Response
+)
+def retrieve_series(
+    request: Request, caller: ReadCaller, session: DbSession, study: StudyUid, series: SeriesUid
+) -> Response:
+    """WADO-RS: every instance of a series, as stored."""
+    return _retrieve(request, session, study, series, None)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}",
+    responses=_RETRIEVE_RESPONSES,
+    response_class=Response,
+)
+def retrieve_instance(
+    request: Request,
+    caller: ReadCaller,
+    session: DbSession,
+    study: StudyUid,
+    series: SeriesUid,
+    instance: InstanceUid,
+) -> Response:
+    """WADO-RS: one instance, as stored."""
+    return _retrieve(request, session, study, series, instance)
+
+
+@router.get("/studies/{study}/metadata", responses=_METADATA_RESPONSES, response_class=Response)
+def study_metadata(
+    request: Request, caller: ReadCaller, session: DbSession, study: StudyUid
+) -> Response:
+    """WADO-RS: the metadata of every instance of a study."""
+    return _metadata(request, session, study, None, None)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/metadata",
+    responses=_METADATA_RESPONSES,
+    response_class=Response,
+)
+def series_metadata(
+    request: Request, caller: ReadCaller, session: DbSession, study: StudyUid, series: SeriesUid
+) -> Response:
+    """WADO-RS: the metadata of every instance of a series."""
+    return _metadata(request, session, study, series, None)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/metadata",
+    responses=_METADATA_RESPONSES,
+    response_class=Response,
+)
+def instance_metadata(
+    request: Request,
+    caller: ReadCaller,
+    session: DbSession,
+    study: StudyUid,
+    series: SeriesUid,
+    instance: InstanceUid,
+) -> Response:
+    """WADO-RS: the metadata of one instance."""
+    return _metadata(request, session, study, series, instance)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/frames/{numbers}",
+    responses={200: {"description": "The frames, multipart/related."}, 404: {}},
+    response_class=Response,
+)
+def retrieve_frames(
+    request: Request,
+    caller: ReadCaller,
+    session: DbSession,
+    study: StudyUid,
+    series: SeriesUid,
+    instance: InstanceUid,
+    numbers: Annotated[str, Path(description="Frame numbers from 1, comma-separated.")],
+) -> Response:
+    """WADO-RS: frames of one instance, as stored (uncompressed, or their compressed bytes)."""
+    try:
+        wanted = [int(number) for number in numbers.split(",")]
+    except ValueError:
+        return _error(400, "frames are numbers from 1, comma-separated")
+    try:
+        (held,) = _held(request, session, study, series, instance)
+        media_type, parts = frames(held, wanted)
+    except _Refused as refused:
+        return _error(refused.status_code, refused.message)
+    except NotFound as exc:
+        return _error(404, str(exc))
+    boundary = uuid.uuid4().hex
+    body = multipart_frames(media_type, held.transfer_syntax_uid, parts, boundary)
+    return Response(body, media_type=f'multipart/related; type="{media_type}"; boundary={boundary}')
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/bulkdata/{tag}",
+    responses={200: {"description": "One binary value, application/octet-stream."}, 404: {}},
+    response_class=Response,
+)
+def retrieve_bulkdata(
+    request: Request,
+    caller: ReadCaller,
+    session: DbSession,
+    study: StudyUid,
+    series: SeriesUid,
+    instance: InstanceUid,
+    tag: Annotated[
+        str, Path(description="The attribute's tag, 8 hex digits.", pattern="^[0-9A-Fa-f]{8}$")
+    ],
+) -> Response:
+    """WADO-RS: a binary value of one instance that its metadata gave by reference."""
+    try:
+        (held,) = _held(request, session, study, series, instance)
+        value = bulk_value(held, int(tag, 16))
+    except _Refused as refused:
+        return _error(refused.status_code, refused.message)
+    except NotFound as exc:
+        return _error(404, str(exc))
+    boundary = uuid.uuid4().hex
+    body = multipart_frames("application/octet-stream", held.transfer_syntax_uid, [value], boundary)
+    return Response(
+        body, media_type=f'multipart/related; type="application/octet-stream"; boundary={boundary}'
+    )
