@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import io
 import json
 import socket
 import ssl
@@ -22,10 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from dicomweb_client.api import DICOMwebClient
+from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.pixels.processing import apply_modality_lut, apply_windowing
 from pydicom.uid import generate_uid
 from requests import HTTPError
 from sqlalchemy import func, select
@@ -446,3 +450,41 @@ def test_wado_rs_gives_back_what_was_stored(server: Server, tmp_path: Path) -> N
     assert httpx.get(f"{server.url}/dicom-web/studies/1.2.x", headers=auth).status_code == 400
     sender = {"Authorization": f"Bearer {server.sender_token}"}
     assert httpx.get(base, headers=sender).status_code == 403
+
+
+def test_a_rendered_png_of_a_ct_slice(server: Server, tmp_path: Path) -> None:
+    path = ct_study(tmp_path, 1).paths[0]
+    ds = dcmread(path)
+    assert post(server, multipart(path.read_bytes())).status_code == 200
+    auth = {"Authorization": f"Bearer {server.radiologist_token}"}
+    instance = (
+        f"{server.url}/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+        f"/instances/{ds.SOPInstanceUID}"
+    )
+    reply = httpx.get(
+        f"{instance}/rendered", params={"window": "40,80"}, headers={**auth, "Accept": "image/png"}
+    )
+    assert reply.status_code == 200
+    assert reply.headers["content-type"] == "image/png"
+    image = Image.open(io.BytesIO(reply.content))
+    assert image.format == "PNG"
+    assert image.size == (ds.Columns, ds.Rows)
+    # pydicom's own VOI windowing (PS3.3 C.11.2.1.2) of the same window, scaled to 8 bits.
+    windowed = ds.copy()
+    windowed.WindowCenter, windowed.WindowWidth = 40, 80
+    values = apply_windowing(apply_modality_lut(ds.pixel_array, ds), windowed)
+    low, high = values.min(), values.max()
+    expected = np.round((values - low) / (high - low) * 255)
+    assert np.abs(np.asarray(image, dtype=np.float64) - expected).max() <= 1
+
+    jpeg = httpx.get(f"{instance}/frames/1/rendered", headers={**auth, "Accept": "image/jpeg"})
+    assert jpeg.status_code == 200
+    assert Image.open(io.BytesIO(jpeg.content)).format == "JPEG"
+    assert (
+        httpx.get(f"{instance}/rendered", params={"window": "x"}, headers=auth).status_code == 400
+    )
+    assert httpx.get(f"{instance}/frames/2/rendered", headers=auth).status_code == 400
+    assert (
+        httpx.get(f"{instance}/rendered", headers={**auth, "Accept": "image/gif"}).status_code
+        == 406
+    )

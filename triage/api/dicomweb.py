@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -29,6 +29,7 @@ from triage.api.deps import DbSession, ReadCaller, StoreCaller
 from triage.config import Settings
 from triage.dicom.uids import is_valid_uid
 from triage.dicomweb.qido import Level, QueryError, parse_query, search
+from triage.dicomweb.render import MEDIA_TYPES, RenderError, parse_window, render
 from triage.dicomweb.stow import (
     DICOM,
     StowRequest,
@@ -491,3 +492,76 @@ def retrieve_bulkdata(
     return Response(
         body, media_type=f'multipart/related; type="application/octet-stream"; boundary={boundary}'
     )
+
+
+def _rendered(
+    request: Request,
+    session: Session,
+    ids: tuple[str, str, str],
+    frame: int,
+    window: str | None,
+) -> Response:
+    accept = request.headers.get("accept", "")
+    wanted = [part.split(";")[0].strip().lower() for part in accept.split(",") if part.strip()]
+    choice = next(
+        (kind for kind in wanted if kind in MEDIA_TYPES),
+        "image/png" if not wanted or "*/*" in wanted or "image/*" in wanted else None,
+    )
+    if choice is None:
+        return _error(406, "rendered frames are image/png or image/jpeg")
+    try:
+        (held,) = _held(request, session, *ids)
+        body = render(held.path, frame, choice, parse_window(window))
+    except _Refused as refused:
+        return _error(refused.status_code, refused.message)
+    except RenderError as exc:
+        return _error(400, str(exc))
+    return Response(body, media_type=choice)
+
+
+WindowParam = Annotated[
+    str | None,
+    Query(description="center,width[,linear]: the VOI window (else the instance's own)."),
+]
+_RENDERED_RESPONSES: dict[int | str, dict[str, object]] = {
+    200: {"description": "The frame as an 8-bit image.", "content": {"image/png": {}}},
+    400: {"description": "A bad window, or a frame that cannot be decoded."},
+    404: {"description": "Nothing held under these UIDs."},
+}
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/rendered",
+    responses=_RENDERED_RESPONSES,
+    response_class=Response,
+)
+def rendered_instance(
+    request: Request,
+    caller: ReadCaller,
+    session: DbSession,
+    study: StudyUid,
+    series: SeriesUid,
+    instance: InstanceUid,
+    window: WindowParam = None,
+) -> Response:
+    """WADO-RS: the instance's first frame rendered (PNG or JPEG), for thumbnails."""
+    return _rendered(request, session, (study, series, instance), 1, window)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/frames/{frame}/rendered",
+    responses=_RENDERED_RESPONSES,
+    response_class=Response,
+)
+def rendered_frame(
+    request: Request,
+    caller: ReadCaller,
+    session: DbSession,
+    study: StudyUid,
+    series: SeriesUid,
+    instance: InstanceUid,
+    frame: Annotated[int, Path(ge=1, description="The frame number, from 1.")],
+    window: WindowParam = None,
+) -> Response:
+    """WADO-RS: one frame rendered (PNG or JPEG)."""
+    return _rendered(request, session, (study, series, instance), frame, window)
