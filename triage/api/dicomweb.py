@@ -318,7 +318,9 @@ def _held(
         if not is_valid_uid(uid):
             raise _Refused(400, f"{uid!r} in the path is not a valid UID")
     try:
-        return instances(session, request.app.state.spool, study, series, instance)
+        settings: Settings = request.app.state.settings
+        results_dir = settings.data_dir / "results"
+        return instances(session, request.app.state.spool, results_dir, study, series, instance)
     except NotFound as exc:
         raise _Refused(404, str(exc)) from None
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
-from sqlalchemy import ColumnElement, Select, and_, func, or_, select
+from sqlalchemy import ColumnElement, Select, and_, case, func, literal, null, or_, select
 from sqlalchemy.orm import Session
 
-from triage.db.models import Instance, Series, Study
-from triage.domain import InstanceState
+from triage.db.models import Instance, Job, ResultObject, Series, Study
+from triage.domain import InstanceState, ResultKind
 
 
 class Level(enum.StrEnum):
@@ -129,7 +129,8 @@ def attribute_for(name: str) -> Attribute:
 @dataclass(frozen=True)
 class Query:
     level: Level
-    filters: list[ColumnElement[bool]]
+    filters: list[tuple[Attribute, str]]
+    """(attribute, value) pairs every match must satisfy."""
     returned: list[Attribute]
     limit: int
     offset: int
@@ -140,13 +141,13 @@ def parse_query(
 ) -> Query:
     """A QIDO-RS query from its URL parameters; ``fixed`` holds the UIDs of the resource path
     (``StudyInstanceUID``, ``SeriesInstanceUID``). Raises QueryError."""
-    filters: list[ColumnElement[bool]] = []
+    filters: list[tuple[Attribute, str]] = []
     included: list[Attribute] = []
     include_all = False
     limit, offset = MAX_LIMIT, 0
     depth = _LEVELS.index(level)
     for keyword, value in (fixed or {}).items():
-        filters.append(_BY_KEYWORD[keyword].column == value)
+        filters.append((_BY_KEYWORD[keyword], value))
     for name, value in params:
         if name == "includefield":
             for item in filter(None, (part.strip() for part in value.split(","))):
@@ -171,7 +172,8 @@ def parse_query(
         if attribute.column is None:
             raise QueryError(f"{attribute.keyword} is returned, not matched")
         if value:  # an empty value is universal matching: asks for the attribute back
-            filters.append(_match(attribute, value))
+            _match(attribute.column, attribute, value)  # raises QueryError for a bad value
+            filters.append((attribute, value))
         included.append(attribute)
     returned = [
         _BY_KEYWORD[keyword] for level_ in _LEVELS[: depth + 1] for keyword in _DEFAULT[level_]
@@ -189,14 +191,13 @@ def _like(pattern: str) -> str:
     return escaped.replace("*", "%").replace("?", "_")
 
 
-def _match(attribute: Attribute, value: str) -> ColumnElement[bool]:
-    column: ColumnElement[Any] = attribute.column
+def _match(column: ColumnElement[Any], attribute: Attribute, value: str) -> ColumnElement[bool]:
     vr = attribute.vr
     if vr == "UI":
         uids = [uid.strip() for uid in _UID_LIST.split(value) if uid.strip()]
         return column.in_(uids) if len(uids) > 1 else column == uids[0]
     if vr in ("DA", "TM", "DT"):
-        return _range(attribute, value)
+        return _range(column, attribute, value)
     if vr in ("IS", "US", "UL", "SS", "SL"):
         try:
             return column == int(value)
@@ -227,10 +228,9 @@ def _in_list(column: Any, item: str) -> ColumnElement[bool]:
     )
 
 
-def _range(attribute: Attribute, value: str) -> ColumnElement[bool]:
+def _range(column: ColumnElement[Any], attribute: Attribute, value: str) -> ColumnElement[bool]:
     """Dates and times as stored (DA YYYYMMDD, TM HHMMSS.FFFFFF: compared as text, which
     orders them as time does); a time range's upper bound is padded with 9s to full precision."""
-    column: ColumnElement[Any] = attribute.column
     compact = value.replace(":", "").replace(" ", "")
     match = _RANGE.match(compact)
     if match is None:
@@ -286,43 +286,142 @@ def search(
 
 
 def _statement(query: Query) -> Select[Any]:
-    depth = _LEVELS.index(query.level)
-    columns = [
-        attribute.column.label(attribute.key)
-        for attribute in ATTRIBUTES.values()
-        if attribute.column is not None and _LEVELS.index(attribute.level) <= depth
-    ]
-    stored = Instance.state == InstanceState.STORED
-    # Counts, as correlated subqueries (of stored instances, the latest version or not).
+    """Images and triage's own results (each SEG and SR a series of its study) in one
+    statement, matched alike, in the order received, results after the images."""
     if query.level is Level.STUDY:
-        columns += [
-            select(func.count(Series.id))
-            .where(Series.study_id == Study.id)
+        columns = _study_columns()
+        order = [Study.id]
+        statement = select(*columns).select_from(Study)
+        statement = statement.where(*_conditions(query, lambda a: a.column))
+        return statement.order_by(*order).limit(query.limit).offset(query.offset)
+    images = _images(query)
+    results = _results(query)
+    union = images.union_all(results).subquery()
+    return (
+        select(*[column for column in union.c if not column.name.startswith("_")])
+        .order_by(union.c._study, union.c._kind, union.c._series, union.c._instance)
+        .limit(query.limit)
+        .offset(query.offset)
+    )
+
+
+_STORED = Instance.state == InstanceState.STORED
+_RESULT_MODALITY = case((ResultObject.kind == ResultKind.SEG, "SEG"), else_="SR")
+_RESULT_COLUMNS: dict[str, Any] = {
+    "SeriesInstanceUID": ResultObject.series_uid,
+    "Modality": _RESULT_MODALITY,
+    "SeriesDescription": null(),
+    "SeriesNumber": null(),
+    "BodyPartExamined": null(),
+    "SOPInstanceUID": ResultObject.sop_instance_uid,
+    "SOPClassUID": ResultObject.sop_class_uid,
+    "InstanceNumber": literal(1),
+}
+
+
+def _study_columns() -> list[Any]:
+    study_results = select(ResultObject.id).join(Job, ResultObject.job_id == Job.id)
+    study_results = study_results.where(Job.study_id == Study.id)
+    return [
+        *_study_attribute_columns(),
+        (
+            select(func.count(Series.id)).where(Series.study_id == Study.id).scalar_subquery()
+            + select(func.count(func.distinct(ResultObject.series_uid)))
+            .join(Job, ResultObject.job_id == Job.id)
+            .where(Job.study_id == Study.id)
             .scalar_subquery()
-            .label(_key("NumberOfStudyRelatedSeries")),
+        ).label(_key("NumberOfStudyRelatedSeries")),
+        (
             select(func.count(Instance.id))
             .join(Series, Instance.series_id == Series.id)
-            .where(Series.study_id == Study.id, stored)
+            .where(Series.study_id == Study.id, _STORED)
             .scalar_subquery()
-            .label(_key("NumberOfStudyRelatedInstances")),
-        ]
-    elif query.level is Level.SERIES:
-        columns.append(
+            + select(func.count()).select_from(study_results.subquery()).scalar_subquery()
+        ).label(_key("NumberOfStudyRelatedInstances")),
+    ]
+
+
+def _conditions(query: Query, column_of: Callable[[Attribute], Any]) -> list[ColumnElement[bool]]:
+    return [_match(column_of(attribute), attribute, value) for attribute, value in query.filters]
+
+
+def _branch_columns(query: Query, column_of: Callable[[Attribute], Any]) -> list[Any]:
+    depth = _LEVELS.index(query.level)
+    return [
+        column_of(attribute).label(attribute.key)
+        for attribute in ATTRIBUTES.values()
+        if attribute.column is not None and 0 < _LEVELS.index(attribute.level) <= depth
+    ]
+
+
+def _study_attribute_columns() -> list[Any]:
+    return [
+        attribute.column.label(attribute.key)
+        for attribute in ATTRIBUTES.values()
+        if attribute.level is Level.STUDY and attribute.column is not None
+    ]
+
+
+def _images(query: Query) -> Select[Any]:
+    columns = [
+        *(
+            a.column.label(a.key)
+            for a in ATTRIBUTES.values()
+            if a.level is Level.STUDY and a.column is not None
+        ),
+        *_branch_columns(query, lambda a: a.column),
+    ]
+    statement = select(*columns).select_from(Study).join(Series, Series.study_id == Study.id)
+    sort: list[Any] = [
+        Study.id.label("_study"),
+        literal(0).label("_kind"),
+        Series.id.label("_series"),
+    ]
+    if query.level is Level.SERIES:
+        columns_count = (
             select(func.count(Instance.id))
-            .where(Instance.series_id == Series.id, stored)
+            .where(Instance.series_id == Series.id, _STORED)
             .scalar_subquery()
             .label(_key("NumberOfSeriesRelatedInstances"))
         )
-    statement = select(*columns).select_from(Study)
-    order: list[Any] = [Study.id]
-    if depth >= 1:
-        statement = statement.join(Series, Series.study_id == Study.id)
-        order.append(Series.id)
-    if depth >= 2:
-        statement = statement.join(Instance, Instance.series_id == Series.id).where(stored)
-        order.append(Instance.id)
-    statement = statement.where(*query.filters)
-    return statement.order_by(*order).limit(query.limit).offset(query.offset)
+        statement = statement.add_columns(columns_count)
+        sort.append(literal(0).label("_instance"))
+    else:
+        statement = statement.join(Instance, Instance.series_id == Series.id).where(_STORED)
+        sort.append(Instance.id.label("_instance"))
+    statement = statement.add_columns(*sort)
+    return statement.where(*_conditions(query, lambda a: a.column))
+
+
+def _results(query: Query) -> Select[Any]:
+    def column_of(attribute: Attribute) -> Any:
+        if attribute.level is Level.STUDY:
+            return attribute.column
+        return _RESULT_COLUMNS[attribute.keyword]
+
+    columns = [
+        *(
+            a.column.label(a.key)
+            for a in ATTRIBUTES.values()
+            if a.level is Level.STUDY and a.column is not None
+        ),
+        *_branch_columns(query, column_of),
+    ]
+    statement = (
+        select(*columns)
+        .select_from(Study)
+        .join(Job, Job.study_id == Study.id)
+        .join(ResultObject, ResultObject.job_id == Job.id)
+    )
+    if query.level is Level.SERIES:
+        statement = statement.add_columns(literal(1).label(_key("NumberOfSeriesRelatedInstances")))
+    statement = statement.add_columns(
+        Study.id.label("_study"),
+        literal(1).label("_kind"),
+        ResultObject.id.label("_series"),
+        ResultObject.id.label("_instance"),
+    )
+    return statement.where(*_conditions(query, column_of))
 
 
 def _key(keyword: str) -> str:

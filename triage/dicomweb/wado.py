@@ -24,8 +24,10 @@ from pydicom.encaps import generate_frames
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from triage.db.models import Instance, Series, Study
+from triage.db.models import Instance, Job, ResultObject, Series, Study
+from triage.dicom.header import parse_header
 from triage.domain import InstanceState
+from triage.errors import DicomInputError
 from triage.storage.spool import Spool
 
 PIECE = 1 << 20
@@ -81,12 +83,14 @@ class Held:
 def instances(
     session: Session,
     spool: Spool,
+    results_dir: Path,
     study_uid: str,
     series_uid: str | None = None,
     sop_instance_uid: str | None = None,
 ) -> list[Held]:
     """The stored instances of a study, series or one instance, in the order received (the
-    latest version of each SOP Instance UID). Raises NotFound when there are none."""
+    latest version of each SOP Instance UID), then triage's own results (SEG, SR) in
+    ``results_dir``. Raises NotFound when there are none."""
     newest = (
         select(Instance.sop_instance_uid, func.max(Instance.version).label("version"))
         .where(Instance.state == InstanceState.STORED)
@@ -120,6 +124,29 @@ def instances(
         Held(study, series, sop, sop_class, syntax, spool.path_for(file_id))
         for study, series, sop, sop_class, syntax, file_id in session.execute(statement)
     ]
+    results = (
+        select(
+            ResultObject.series_uid,
+            ResultObject.sop_instance_uid,
+            ResultObject.sop_class_uid,
+            ResultObject.file_id,
+        )
+        .join(Job, ResultObject.job_id == Job.id)
+        .join(Study, Job.study_id == Study.id)
+        .where(Study.study_uid == study_uid)
+        .order_by(ResultObject.id)
+    )
+    if series_uid is not None:
+        results = results.where(ResultObject.series_uid == series_uid)
+    if sop_instance_uid is not None:
+        results = results.where(ResultObject.sop_instance_uid == sop_instance_uid)
+    for series, sop, sop_class, file_id in session.execute(results):
+        path = results_dir / f"{file_id}.dcm"
+        try:
+            syntax = parse_header(path.read_bytes()).transfer_syntax_uid
+        except (OSError, DicomInputError):
+            continue  # being rewritten by a re-run, or gone: not ours to give now
+        found.append(Held(study_uid, series, sop, sop_class, syntax, path))
     if not found:
         raise NotFound("no such instances here")
     return found
