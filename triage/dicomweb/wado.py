@@ -21,7 +21,7 @@ from pydicom import dcmread
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from triage.db.models import Instance, Job, ResultObject, Series, Study
@@ -30,7 +30,7 @@ from triage.domain import InstanceState
 from triage.errors import DicomInputError
 from triage.storage.spool import Spool
 
-PIECE = 1 << 20
+PIECE = 4 << 20
 """Bytes read from a spool file at a time while an answer streams."""
 BULK_THRESHOLD = 1024
 """Binary values longer than this go by reference in metadata."""
@@ -91,12 +91,6 @@ def instances(
     """The stored instances of a study, series or one instance, in the order received (the
     latest version of each SOP Instance UID), then triage's own results (SEG, SR) in
     ``results_dir``. Raises NotFound when there are none."""
-    newest = (
-        select(Instance.sop_instance_uid, func.max(Instance.version).label("version"))
-        .where(Instance.state == InstanceState.STORED)
-        .group_by(Instance.sop_instance_uid)
-        .subquery()
-    )
     statement = (
         select(
             Study.study_uid,
@@ -105,14 +99,10 @@ def instances(
             Instance.sop_class_uid,
             Instance.transfer_syntax_uid,
             Instance.file_id,
+            Instance.version,
         )
         .join(Series, Series.study_id == Study.id)
         .join(Instance, Instance.series_id == Series.id)
-        .join(
-            newest,
-            (newest.c.sop_instance_uid == Instance.sop_instance_uid)
-            & (newest.c.version == Instance.version),
-        )
         .where(Study.study_uid == study_uid, Instance.state == InstanceState.STORED)
         .order_by(Series.id, Instance.id)
     )
@@ -120,10 +110,13 @@ def instances(
         statement = statement.where(Series.series_uid == series_uid)
     if sop_instance_uid is not None:
         statement = statement.where(Instance.sop_instance_uid == sop_instance_uid)
-    found = [
-        Held(study, series, sop, sop_class, syntax, spool.path_for(file_id))
-        for study, series, sop, sop_class, syntax, file_id in session.execute(statement)
-    ]
+    # The latest version of each SOP Instance UID, where the first one was (versions are rare).
+    latest: dict[str, tuple[int, Held]] = {}
+    for study, series, sop, sop_class, syntax, file_id, version in session.execute(statement):
+        if sop not in latest or latest[sop][0] < version:
+            held = Held(study, series, sop, sop_class, syntax, spool.path_for(file_id))
+            latest[sop] = (version, held)
+    found = [held for _, held in latest.values()]
     results = (
         select(
             ResultObject.series_uid,
@@ -196,25 +189,24 @@ def check_syntaxes(held: Sequence[Held], syntaxes: set[str] | None) -> None:
 
 
 def multipart_instances(held: Sequence[Held], boundary: str) -> Iterator[bytes]:
-    """The instances' files as one multipart/related body, read in pieces."""
+    """The instances' files as one multipart/related body: a piece per instance (its part
+    headers, its file and the line break after it), or per PIECE bytes of a large file."""
     for item in held:
-        yield (
+        head = (
             f"--{boundary}\r\nContent-Type: application/dicom; "
             f"transfer-syntax={item.transfer_syntax_uid}\r\n"
             f"Content-Location: {item.sop_instance_uid}\r\n\r\n"
         ).encode()
-        yield from _file_pieces(item.path)
+        with open(item.path, "rb", buffering=0) as file:
+            size = os.fstat(file.fileno()).st_size
+            if size <= PIECE:
+                yield b"".join((head, file.read(), b"\r\n"))
+                continue
+            yield head
+            while data := file.read(PIECE):
+                yield data
         yield b"\r\n"
     yield f"--{boundary}--\r\n".encode()
-
-
-def _file_pieces(path: Path) -> Iterator[bytes]:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        while piece := os.read(fd, PIECE):
-            yield piece
-    finally:
-        os.close(fd)
 
 
 def metadata(held: Held, instance_url: str) -> dict[str, Any]:
