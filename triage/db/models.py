@@ -54,9 +54,10 @@ class Study(Base):
     )
     status_reason: Mapped[str | None] = mapped_column(String(500))
     patient_name: Mapped[str | None] = mapped_column(String(324))
-    patient_id: Mapped[str | None] = mapped_column(String(64))
-    accession_number: Mapped[str | None] = mapped_column(String(16))
-    study_date: Mapped[str | None] = mapped_column(String(8))
+    # Indexed for QIDO-RS: the keys archives search by most.
+    patient_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    accession_number: Mapped[str | None] = mapped_column(String(16), index=True)
+    study_date: Mapped[str | None] = mapped_column(String(8), index=True)
     study_time: Mapped[str | None] = mapped_column(String(16))
     study_description: Mapped[str | None] = mapped_column(String(64))
     modalities: Mapped[str | None] = mapped_column(String(64))
