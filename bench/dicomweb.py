@@ -1,15 +1,13 @@
 """bench/dicomweb: triage's DICOMweb server against Orthanc's, measured in the same run with the
-same client (httpx) on the same files.
-
-Both servers start fresh on loopback: ``triage serve`` (own data directory, SQLite, no local
-worker) and Orthanc from Debian's packages with its DICOMweb plugin (SQLite index, storage
-uncompressed, ``SyncStorageArea`` on: it fsyncs every file, as triage does). For each run a
-new 512x512 CT series is stored by one STOW-RS request to each, then retrieved whole by
-WADO-RS (as stored: ``transfer-syntax=*``). Then each server is loaded with 10,000 one-image
-studies by STOW-RS, left to finish what a load sets off (until it uses no CPU for 3 s), and
-searched by QIDO-RS: a PatientID that matches one study, and a
-StudyDate range with ``limit=100``. It prints medians, p50/p99 and the ratio Orthanc/triage
-(above 1: triage is faster); it never asserts a speed.
+same client (httpx) on the same files. Both servers start fresh on loopback: ``triage serve``
+(own data directory, SQLite, no local worker) and Orthanc from Debian's packages with its
+DICOMweb plugin (SQLite index, storage uncompressed, ``SyncStorageArea`` on: it fsyncs every
+file, as triage does). For each run a new 512x512 CT series is stored by one STOW-RS request to
+each, then retrieved whole by WADO-RS five times (as stored: ``transfer-syntax=*``). Then each
+server is loaded with 10,000 one-image studies by STOW-RS, left to finish what a load sets off
+(until it uses no CPU for 3 s), and searched by QIDO-RS: a PatientID that matches one study,
+and a StudyDate range with ``limit=100``. It prints medians, p50/p99 and the ratio
+Orthanc/triage (above 1: triage is faster); it never asserts a speed.
 
     .venv/bin/python -m bench.dicomweb [--slices 300] [--runs 3] [--studies 10000] [--json]
 """
@@ -63,6 +61,7 @@ SERVERS = ("orthanc", "triage")
 BATCH = 250  # instances per STOW-RS request while loading the QIDO studies
 QUERIES = 200  # timed QIDO-RS requests of each kind, after WARMUP
 WARMUP = 20
+READS = 5  # WADO-RS reads of each stored series, servers in turn
 DICOM_ALL = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 NOTE = (
     "triage answers STOW-RS after each instance is fsynced (file and directory) and indexed "
@@ -293,15 +292,17 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             first = dcmread(series.files[0], stop_before_pixels=True)
             for server in servers:  # interleaved, run by run
                 figures[server.name]["stow"].append(stow(client, server, files))
-                figures[server.name]["wado"].append(
-                    retrieve(
-                        client,
-                        server,
-                        first.StudyInstanceUID,
-                        first.SeriesInstanceUID,
-                        series.total_bytes,
+            for _ in range(READS):
+                for server in servers:
+                    figures[server.name]["wado"].append(
+                        retrieve(
+                            client,
+                            server,
+                            first.StudyInstanceUID,
+                            first.SeriesInstanceUID,
+                            series.total_bytes,
+                        )
                     )
-                )
         for server in servers:
             started = time.perf_counter()
             for start in range(0, len(studies), BATCH):

@@ -11,7 +11,6 @@ uncompressed (``application/octet-stream``) or as their encapsulated fragments
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,24 +188,29 @@ def check_syntaxes(held: Sequence[Held], syntaxes: set[str] | None) -> None:
 
 
 def multipart_instances(held: Sequence[Held], boundary: str) -> Iterator[bytes]:
-    """The instances' files as one multipart/related body: a piece per instance (its part
-    headers, its file and the line break after it), or per PIECE bytes of a large file."""
+    """The instances' files as one multipart/related body, in pieces of about PIECE bytes
+    (several small instances to a piece, a large one in several): few writes, few hand-overs
+    from the thread that reads the files to the one that sends."""
+    pending: list[bytes] = []
+    size = 0
     for item in held:
-        head = (
-            f"--{boundary}\r\nContent-Type: application/dicom; "
-            f"transfer-syntax={item.transfer_syntax_uid}\r\n"
-            f"Content-Location: {item.sop_instance_uid}\r\n\r\n"
-        ).encode()
+        pending.append(
+            (
+                f"--{boundary}\r\nContent-Type: application/dicom; "
+                f"transfer-syntax={item.transfer_syntax_uid}\r\n"
+                f"Content-Location: {item.sop_instance_uid}\r\n\r\n"
+            ).encode()
+        )
         with open(item.path, "rb", buffering=0) as file:
-            size = os.fstat(file.fileno()).st_size
-            if size <= PIECE:
-                yield b"".join((head, file.read(), b"\r\n"))
-                continue
-            yield head
             while data := file.read(PIECE):
-                yield data
-        yield b"\r\n"
-    yield f"--{boundary}--\r\n".encode()
+                pending.append(data)
+                size += len(data)
+                if size >= PIECE:
+                    yield b"".join(pending)
+                    pending, size = [], 0
+        pending.append(b"\r\n")
+    pending.append(f"--{boundary}--\r\n".encode())
+    yield b"".join(pending)
 
 
 def metadata(held: Held, instance_url: str) -> dict[str, Any]:
