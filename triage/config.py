@@ -227,6 +227,15 @@ class Settings(BaseSettings):
     database_url: str = ""
     broker_url: str = ""
     workers: Annotated[int, Field(ge=0, le=64)] = 1
+    # Where `triage worker` finds the images it analyses and leaves its results:
+    # "shared-disk" reads data_dir (the same storage as triage serve's); "dicomweb" fetches
+    # the series from triage serve by WADO-RS and hands the SEG and SR back over HTTP, for a
+    # worker on a machine that does not see data_dir. It then needs serve_url and a token of
+    # role worker (serve_ca_file: the CA of an https serve_url).
+    worker_images: Literal["shared-disk", "dicomweb"] = "shared-disk"
+    serve_url: str = ""
+    worker_token: SecretStr | None = None
+    serve_ca_file: Path | None = None
     # Redis redelivers an unacknowledged task after this long: keep it above the slowest job.
     visibility_timeout_seconds: Annotated[float, Field(gt=0)] = 3600.0
     # The database decides what is owed: a job still queued after job_resend_seconds, or
@@ -291,6 +300,11 @@ class Settings(BaseSettings):
         object.__setattr__(self, "data_dir", data_dir)
         if not self.database_url:
             object.__setattr__(self, "database_url", f"sqlite:///{data_dir / 'triage.sqlite'}")
+        if self.worker_images == "dicomweb" and not (self.serve_url and self.worker_token):
+            raise ValueError(
+                "worker_images = dicomweb needs serve_url (triage serve's HTTP address) and "
+                "worker_token (triage-admin tokens create NAME --role worker)"
+            )
         return self
 
     @property

@@ -57,3 +57,4 @@ class TokenRole(enum.StrEnum):
     RADIOLOGIST = "radiologist"
     ADMIN = "admin"
     SENDER = "sender"  # an archive or modality: may store by STOW-RS, nothing else
+    WORKER = "worker"  # a worker without the data directory: reads images, hands back results

@@ -26,6 +26,7 @@ from triage.errors import PermanentError
 from triage.worklist.service import refresh
 from workers.context import WorkerContext
 from workers.models.interface import LoadedModel, ModelOutput
+from workers.remote import JobFiles
 from workers.results import build_objects, record_results, result_input
 from workers.volume import SeriesRequirements, describe_series, fits, load_volume, read_headers
 
@@ -90,9 +91,7 @@ def claim(db_session: Session, job_id: int) -> Claim | JobOutcome:
     return Claim(job.id, job.round, job.study.study_uid, job.model_name, job.model_version, series)
 
 
-def choose_series(
-    context: WorkerContext, model: LoadedModel, work: Claim
-) -> tuple[str, list[Path]]:
+def choose_series(model: LoadedModel, work: Claim, files: JobFiles) -> tuple[str, list[Path]]:
     """The largest series that fits what the model asks for."""
     description = model.description
     requested = dict((description.model_extra or {}).get("series", {}))
@@ -100,7 +99,7 @@ def choose_series(
     requirements = SeriesRequirements.from_description(requested)
     refusals = []
     for series_uid, file_ids in sorted(work.series.items(), key=lambda item: -len(item[1])):
-        paths = [context.spool.path_for(file_id) for file_id in file_ids]
+        paths = files.series(work.study_uid, series_uid, file_ids)
         facts = describe_series(read_headers(paths[:1])) | {"slices": len(paths)}
         reason = fits(requirements, facts)
         if reason is None:
@@ -195,8 +194,9 @@ def analyze(context: WorkerContext, job_id: int) -> JobOutcome:
     model = context.registry.get(work.model_name, work.model_version)
     timings["model_load"] = time.perf_counter() - started
     started = time.perf_counter()
-    series_uid, paths = choose_series(context, model, work)
-    volume = load_volume(paths)
+    with context.images.job_files() as files:  # read into memory, then let go
+        series_uid, paths = choose_series(model, work, files)
+        volume = load_volume(paths)
     timings["load_decode"] = time.perf_counter() - started
     output = model.run(volume)
     timings |= output.timings

@@ -15,6 +15,7 @@ from triage.config import Settings
 from triage.db.session import SessionFactory, create_db_engine, make_session_factory
 from triage.storage.spool import Spool
 from workers.models.registry import ModelRegistry
+from workers.remote import ImageStore
 
 
 class WorkerContext:
@@ -36,6 +37,11 @@ class WorkerContext:
     @cached_property
     def spool(self) -> Spool:
         return Spool.for_settings(self.settings)
+
+    @cached_property
+    def images(self) -> ImageStore:
+        """Where this worker reads images and leaves results (``worker_images``)."""
+        return ImageStore(self.settings, self.spool)
 
     @cached_property
     def sender(self) -> TaskSender:

@@ -20,7 +20,7 @@ from triage.db.models import Delivery, DestinationState
 from triage.db.session import session_scope
 from triage.destinations import destinations
 from triage.domain import WorkState
-from triage.errors import DestinationUnavailableError, PermanentError
+from triage.errors import PermanentError, RetryableError
 from triage.results.senders import send_files
 from triage.retry import Backoff
 from workers.context import WorkerContext
@@ -89,12 +89,13 @@ def dispatch(context: WorkerContext, delivery_id: int) -> Outcome:
         delivery.state = WorkState.RUNNING
         delivery.attempts += 1
         delivery.touched_at = now
-        path = settings.data_dir / "results" / f"{delivery.result.file_id}.dcm"
+        file_id = delivery.result.file_id
         study_uid = delivery.result.job.study.study_uid
         attempt = delivery.attempts
     try:
-        send_files(destination, [path], calling_ae=settings.ae_title)
-    except DestinationUnavailableError as exc:
+        with context.images.result_path(file_id) as path:
+            send_files(destination, [path], calling_ae=settings.ae_title)
+    except RetryableError as exc:  # the destination, or triage serve (worker_images = dicomweb)
         return _after_failure(context, delivery_id, str(exc), attempt, retryable=True)
     except (PermanentError, OSError) as exc:
         return _after_failure(context, delivery_id, str(exc), attempt, retryable=False)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import uuid
 from io import BytesIO
-from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
@@ -24,7 +23,6 @@ from triage.domain import ResultKind, WorkState
 from triage.results.inputs import CT_HEAD, AlgorithmIdentity, FindingInput, ResultInput
 from triage.results.seg import build_segmentation
 from triage.results.sr import build_sr
-from triage.storage.spool import write_durably
 from workers.context import WorkerContext
 from workers.models.interface import DetectedFinding, LoadedModel, ModelOutput
 from workers.volume import Volume
@@ -106,10 +104,6 @@ def _encode(dataset: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def results_dir(context: WorkerContext) -> Path:
-    return context.settings.data_dir / "results"
-
-
 def record_results(
     context: WorkerContext, db_session: Session, job: Job, objects: dict[ResultKind, Dataset]
 ) -> list[int]:
@@ -117,8 +111,6 @@ def record_results(
 
     Returns the delivery ids to send once the transaction commits.
     """
-    directory = results_dir(context)
-    (directory / "tmp").mkdir(parents=True, exist_ok=True)
     rows = {
         r.kind: r
         for r in db_session.scalars(select(ResultObject).where(ResultObject.job_id == job.id))
@@ -139,11 +131,7 @@ def record_results(
         row.series_uid = str(dataset.SeriesInstanceUID)
         row.round = job.round
         row.created_at = now
-        write_durably(
-            directory / f"{row.file_id}.dcm",
-            _encode(dataset),
-            temporary=directory / "tmp" / f"{row.file_id}.part",
-        )
+        context.images.keep_result(row.file_id, _encode(dataset))
         db_session.flush()
         existing = {d.destination: d for d in row.deliveries}
         for name in targets:

@@ -13,7 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from triage import __version__
-from triage.api import dicomweb
+from triage.api import dicomweb, results
 from triage.api.deps import AnyCaller
 from triage.api.routes import router
 from triage.api.schemas import Health, Unhealthy
@@ -53,6 +53,7 @@ def create_app(
     app.state.on_request_end = on_request_end
     app.include_router(router)
     app.include_router(dicomweb.router)
+    app.include_router(results.router)
     page = files("triage.api").joinpath("static/worklist.html").read_text()
 
     @app.get(

@@ -92,5 +92,9 @@ def require(*roles: TokenRole) -> Callable[..., ApiCaller]:
 AnyCaller = Annotated[ApiCaller, Depends(require(TokenRole.RADIOLOGIST, TokenRole.ADMIN))]
 AdminCaller = Annotated[ApiCaller, Depends(require(TokenRole.ADMIN))]
 StoreCaller = Annotated[ApiCaller, Depends(require(TokenRole.SENDER, TokenRole.ADMIN))]
-ReadCaller = Annotated[ApiCaller, Depends(require(TokenRole.RADIOLOGIST, TokenRole.ADMIN))]
+ReadCaller = Annotated[
+    ApiCaller, Depends(require(TokenRole.RADIOLOGIST, TokenRole.ADMIN, TokenRole.WORKER))
+]
 """Who may read images over DICOMweb (QIDO-RS, WADO-RS)."""
+WorkerCaller = Annotated[ApiCaller, Depends(require(TokenRole.WORKER, TokenRole.ADMIN))]
+"""A worker handing back or fetching result files."""

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from triage.api.deps import DbSession, ReadCaller, StoreCaller
+from triage.api.results import results_dir
 from triage.config import Settings
 from triage.dicom.uids import is_valid_uid
 from triage.dicomweb.qido import Level, QueryError, parse_query, search
@@ -319,8 +320,8 @@ def _held(
             raise _Refused(400, f"{uid!r} in the path is not a valid UID")
     try:
         settings: Settings = request.app.state.settings
-        results_dir = settings.data_dir / "results"
-        return instances(session, request.app.state.spool, results_dir, study, series, instance)
+        where = results_dir(settings)
+        return instances(session, request.app.state.spool, where, study, series, instance)
     except NotFound as exc:
         raise _Refused(404, str(exc)) from None
 

@@ -118,7 +118,13 @@ def study_show(
 def tokens_create(
     name: Annotated[str, typer.Argument(help="Who or what uses the token, e.g. dr.smith.")],
     role: Annotated[
-        TokenRole, typer.Option(help="radiologist, admin, or sender (STOW-RS only, for archives).")
+        TokenRole,
+        typer.Option(
+            help=(
+                "radiologist, admin, sender (STOW-RS only, for archives) or worker "
+                "(images and results over HTTP)."
+            )
+        ),
     ] = TokenRole.RADIOLOGIST,
     config: ConfigOption = None,
 ) -> None:
