@@ -133,3 +133,15 @@ def test_renamed_backoff_settings_are_still_read_from_the_file_and_the_environme
     assert Settings.load(config).retry_backoff_max_seconds == 90
     monkeypatch.setenv("TRIAGE_RETRY_BACKOFF_MAX_SECONDS", "30")  # the new name wins
     assert Settings.load(config).retry_backoff_max_seconds == 30
+
+
+def test_a_worker_without_shared_disk_needs_the_address_and_a_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TRIAGE_WORKER_IMAGES", "dicomweb")
+    with pytest.raises(ConfigError, match="serve_url") as caught:
+        Settings.load()
+    assert "\n" not in str(caught.value)
+    monkeypatch.setenv("TRIAGE_SERVE_URL", "https://triage.example:8080")
+    monkeypatch.setenv("TRIAGE_WORKER_TOKEN", "trg_x")
+    assert Settings.load().worker_images == "dicomweb"
