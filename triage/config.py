@@ -227,6 +227,12 @@ class Settings(BaseSettings):
     database_url: str = ""
     broker_url: str = ""
     workers: Annotated[int, Field(ge=0, le=64)] = 1
+    # Archives that cannot push (triage-admin sources add): each is searched this often for
+    # studies of a StudyDate from pull_lookback_days before its last search on, and new ones
+    # are retrieved; an archive that fails is searched again after retry_backoff_seconds,
+    # doubled each time.
+    pull_poll_seconds: Annotated[float, Field(gt=0)] = 60.0
+    pull_lookback_days: Annotated[int, Field(ge=0, le=3650)] = 1
     # Where `triage worker` finds the images it analyses and leaves its results:
     # "shared-disk" reads data_dir (the same storage as triage serve's); "dicomweb" fetches
     # the series from triage serve by WADO-RS and hands the SEG and SR back over HTTP, for a

@@ -31,6 +31,7 @@ from triage.ingest.reconcile import reconcile_spool
 from triage.ingest.sweeper import Sweeper
 from triage.metrics import IngestMetrics, count_across_processes
 from triage.notify import Notifier
+from triage.pull.poller import Puller
 from triage.receiver.processes import ReceiverPool
 from triage.receiver.scp import DicomListener
 from triage.storage.spool import Spool
@@ -126,6 +127,12 @@ class TriageService:
                 metrics=self.metrics,
                 on_association_end=self.watcher.association_ended,
             )
+        self.puller = Puller(
+            settings,
+            self.session_factory,
+            self.ingestor,
+            on_pulled=self.watcher.association_ended,
+        )
         self.sweeper = Sweeper(
             settings,
             self.session_factory,
@@ -194,6 +201,7 @@ class TriageService:
             threading.Thread(target=loop, args=(self.stopping,), name=name, daemon=True)
             for name, loop in (
                 ("completion", self.watcher.run),
+                ("pull", self.puller.run),
                 ("sweeper", self.sweeper.run),
                 ("worklist-clock", WorklistClock(settings, self.session_factory).run),
                 ("notifier", Notifier(settings, self.session_factory).run),

@@ -23,7 +23,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from triage.broker import TaskSender, broker_url, queue_depths
-from triage.cli import peers, reading
+from triage.cli import peers, reading, sources
 from triage.cli.common import ConfigOption, JsonOption, err_console, exit_with_error, load_settings
 from triage.db import migrate
 from triage.db.session import create_db_engine, make_session_factory, session_scope
@@ -38,7 +38,7 @@ from triage.storage.spool import Spool
 
 app = typer.Typer(
     name="triage-admin",
-    help="Administer triage: database, status, studies, peers, models and failures.",
+    help="Administer triage: database, status, studies, peers, sources, models and failures.",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="rich",
@@ -296,3 +296,4 @@ def failures_retry(
 
 reading.register(app)
 peers.register(app)
+sources.register(app)

@@ -346,3 +346,40 @@ class AuditEvent(Base):
     actor: Mapped[str | None] = mapped_column(String(64))
     study_uid: Mapped[str | None] = mapped_column(UID, index=True)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class Source(Base):
+    """An archive triage polls for new studies (``triage-admin sources add``), and where its
+    polling stands: the StudyDate it searches from, and when to look next."""
+
+    __tablename__ = "sources"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    kind: Mapped[PeerKind] = mapped_column(enum_type(PeerKind))
+    url: Mapped[str | None] = mapped_column(String(1024))
+    ae_title: Mapped[str | None] = mapped_column(AE)
+    host: Mapped[str | None] = mapped_column(String(255))
+    port: Mapped[int | None] = mapped_column(Integer)
+    options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    modalities: Mapped[str | None] = mapped_column(String(64))
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    search_from: Mapped[str] = mapped_column(String(8))
+    next_poll_at: Mapped[datetime] = _created()
+    last_polled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created()
+
+
+class PulledStudy(Base):
+    """A study retrieved from a source: not retrieved again."""
+
+    __tablename__ = "pulled_studies"
+    __table_args__ = (UniqueConstraint("source_id", "study_uid"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    source_id: Mapped[int] = mapped_column(ForeignKey("sources.id", ondelete="CASCADE"))
+    study_uid: Mapped[str] = mapped_column(UID)
+    instances: Mapped[int] = mapped_column(Integer)
+    pulled_at: Mapped[datetime] = _created()

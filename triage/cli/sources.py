@@ -1,0 +1,191 @@
+"""``triage-admin sources``: archives triage polls for new studies and retrieves them from."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Annotated
+
+import typer
+from prometheus_client import CollectorRegistry
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from triage.cli.common import ConfigOption, JsonOption, exit_with_error, load_settings
+from triage.db.base import utcnow
+from triage.db.models import PulledStudy, Source
+from triage.db.session import create_db_engine, make_session_factory, session_scope
+from triage.domain import PeerKind
+from triage.results.senders.stow import redacted_url
+
+console = Console(highlight=False)
+sources_app = typer.Typer(
+    help="Archives that cannot push: triage polls them and retrieves new studies.",
+    no_args_is_help=True,
+)
+
+
+@sources_app.command("list")
+def sources_list(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Every source, with where its polling stands (a failing one says why)."""
+    settings = load_settings(config)
+    with session_scope(make_session_factory(create_db_engine(settings.database_url))) as session:
+        rows = [
+            {
+                "name": source.name,
+                "url": redacted_url(str(source.url)),
+                "modalities": source.modalities or "any",
+                "enabled": source.enabled,
+                "search_from": source.search_from,
+                "last_polled_at": source.last_polled_at.isoformat()
+                if source.last_polled_at
+                else None,
+                "next_poll_at": source.next_poll_at.isoformat(),
+                "failures": source.failures,
+                "last_error": source.last_error,
+                "pulled": len(source_pulled(session, source.id)),
+            }
+            for source in session.scalars(select(Source).order_by(Source.name))
+        ]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        console.print("no sources: add one with `triage-admin sources add NAME URL`")
+        return
+    table = Table(title="sources")
+    for column in ("name", "url", "modalities", "studies pulled", "search from", "state"):
+        table.add_column(column)
+    for row in rows:
+        state = (
+            f"FAILING ({row['failures']}x): {row['last_error']}"
+            if row["failures"]
+            else ("ok" if row["last_polled_at"] else "not polled yet")
+        )
+        table.add_row(
+            str(row["name"]),
+            str(row["url"]),
+            str(row["modalities"]),
+            str(row["pulled"]),
+            str(row["search_from"]),
+            state,
+        )
+    console.print(table)
+    if any(row["failures"] for row in rows):
+        raise typer.Exit(1)
+
+
+def source_pulled(session: Session, source_id: int) -> list[str]:
+    statement = select(PulledStudy.study_uid).where(PulledStudy.source_id == source_id)
+    return list(session.scalars(statement))
+
+
+@sources_app.command("add")
+def sources_add(
+    name: Annotated[str, typer.Argument(help="A short name, e.g. cloud-archive.")],
+    url: Annotated[str, typer.Argument(help="The archive's DICOMweb base URL.")],
+    token: Annotated[str | None, typer.Option(help="Bearer token.")] = None,
+    username: Annotated[str | None, typer.Option(help="HTTP Basic user.")] = None,
+    password: Annotated[str | None, typer.Option(help="HTTP Basic password.")] = None,
+    modality: Annotated[
+        list[str] | None, typer.Option(help="Only studies with this modality (repeatable).")
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            help="Search from this StudyDate (YYYYMMDD; default: pull_lookback_days ago)."
+        ),
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Add an archive to poll (DICOMweb: QIDO-RS to find, WADO-RS to retrieve)."""
+    settings = load_settings(config)
+    if not url.startswith(("http://", "https://")):
+        exit_with_error(
+            f"{url!r} is not a DICOMweb URL (http:// or https://); DIMSE sources "
+            "(C-FIND/C-MOVE) are not supported yet"
+        )
+    if since is not None and not (len(since) == 8 and since.isdigit()):
+        exit_with_error(f"--since {since!r}: give a date as YYYYMMDD")
+    options: dict[str, str] = {}
+    if token:
+        options["token"] = token
+    if username:
+        options["username"] = username
+        options["password"] = password or ""
+    start = since or f"{utcnow() - timedelta(days=settings.pull_lookback_days):%Y%m%d}"
+    with session_scope(make_session_factory(create_db_engine(settings.database_url))) as session:
+        if session.scalar(select(Source.id).where(Source.name == name)) is not None:
+            exit_with_error(f"a source named {name} exists; remove it first")
+        session.add(
+            Source(
+                name=name,
+                kind=PeerKind.DICOMWEB,
+                url=url.rstrip("/"),
+                options=options,
+                modalities="\\".join(m.upper() for m in modality) if modality else None,
+                search_from=start,
+                next_poll_at=utcnow(),
+            )
+        )
+    console.print(f"added {name}: {redacted_url(url)}, studies from {start} on")
+
+
+@sources_app.command("remove")
+def sources_remove(
+    name: Annotated[str, typer.Argument(help="The source's name.")], config: ConfigOption = None
+) -> None:
+    """Stop polling an archive (what was retrieved from it stays)."""
+    settings = load_settings(config)
+    with session_scope(make_session_factory(create_db_engine(settings.database_url))) as session:
+        source = session.scalar(select(Source).where(Source.name == name))
+        if source is None:
+            exit_with_error(f"no source named {name}")
+        session.delete(source)
+    console.print(f"removed {name}")
+
+
+@sources_app.command("poll")
+def sources_poll(
+    name: Annotated[str, typer.Argument(help="The source's name.")],
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Search an archive now and retrieve what is new (exit status 1 if it fails). Studies
+    retrieved here complete after the quiet period, as triage serve learns of them then."""
+    from triage.ingest.pipeline import Ingestor
+    from triage.metrics import IngestMetrics
+    from triage.pull.poller import Puller
+    from triage.storage.spool import Spool
+
+    settings = load_settings(config)
+    factory = make_session_factory(create_db_engine(settings.database_url))
+    with session_scope(factory) as session:
+        source_id = session.scalar(select(Source.id).where(Source.name == name))
+    if source_id is None:
+        exit_with_error(f"no source named {name}")
+    ingestor = Ingestor(
+        spool=Spool.for_settings(settings),
+        engine=create_db_engine(settings.database_url, rebuildable=True),
+        metrics=IngestMetrics(CollectorRegistry()),
+        writers_lock=settings.data_dir / "ingest.lock",
+    )
+    try:
+        report = Puller(settings, factory, ingestor).poll(source_id)
+    finally:
+        ingestor.close()
+    if as_json:
+        print(json.dumps(report.__dict__, indent=2))
+    else:
+        console.print(
+            f"{name}: {report.found} studies found, {len(report.pulled)} retrieved"
+            + (f"; FAILED: {report.error}" if report.error else "")
+        )
+    if report.error:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(sources_app, name="sources")

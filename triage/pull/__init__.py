@@ -1,0 +1,1 @@
+"""Pulling studies from archives that cannot push (``poller``)."""
