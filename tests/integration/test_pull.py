@@ -1,6 +1,7 @@
-"""Pulling from an archive that cannot push: a real Orthanc as a DICOMweb source of a real
-``triage serve``. Studies added after the poller started are retrieved and routed exactly once,
-across a restart of triage and an outage of Orthanc."""
+"""Pulling from an archive that cannot push: a real Orthanc as a DICOMweb source (QIDO-RS, WADO-
+RS) and as a DIMSE source (C-FIND, C-MOVE) of a real ``triage serve``. Studies added after the
+poller started are retrieved and routed exactly once, across a restart of triage and an outage
+of Orthanc."""
 
 from __future__ import annotations
 
@@ -73,14 +74,23 @@ def todays_study(directory: Path, count: int) -> SentStudy:
     return study
 
 
+@pytest.mark.parametrize("kind", ["dicomweb", "dimse"])
 def test_new_studies_are_pulled_once_across_a_restart_and_an_outage(
-    tmp_path: Path, orthanc_factory: OrthancFactory
+    tmp_path: Path, orthanc_factory: OrthancFactory, kind: str
 ) -> None:
-    archive: OrthancPeer = orthanc_factory()
-    data_dir, http_port = tmp_path / "triage", free_port()
+    data_dir, http_port, dicom_port = tmp_path / "triage", free_port(), free_port()
+    # Over DIMSE the archive C-MOVEs to triage's AE title: it must know where that is.
+    archive: OrthancPeer = orthanc_factory(
+        modalities={"TRIAGE": ("TRIAGE", "127.0.0.1", dicom_port)}
+    )
+    target = (
+        archive.dicomweb_url
+        if kind == "dicomweb"
+        else f"{archive.aet}@127.0.0.1:{archive.dicom_port}"
+    )
     env = {
         "TRIAGE_DATA_DIR": str(data_dir),
-        "TRIAGE_DICOM_PORT": str(free_port()),
+        "TRIAGE_DICOM_PORT": str(dicom_port),
         "TRIAGE_HTTP_PORT": str(http_port),
         "TRIAGE_SPOOL_MIN_FREE_MB": "1",
         "TRIAGE_STUDY_QUIET_SECONDS": "600",
@@ -104,7 +114,7 @@ def test_new_studies_are_pulled_once_across_a_restart_and_an_outage(
             yield
 
     with serve("serve-1.log"):
-        added = admin(env, "sources", "add", "archive", archive.dicomweb_url, "--modality", "CT")
+        added = admin(env, "sources", "add", "archive", target, "--modality", "CT")
         assert added.returncode == 0, added.stderr
         engine = create_db_engine(f"sqlite:///{data_dir / 'triage.sqlite'}")
         factory = make_session_factory(engine)
@@ -137,7 +147,9 @@ def test_new_studies_are_pulled_once_across_a_restart_and_an_outage(
         )
         failing = admin(env, "sources", "list")
         assert failing.returncode == 1
-        assert "cannot reach the source" in failing.stdout
+        assert ("cannot reach the source" if kind == "dicomweb" else "refused or did not") in (
+            failing.stdout
+        )
         archive.start()
         third = todays_study(tmp_path / "third", 2)
         archive.upload_all(third.paths)

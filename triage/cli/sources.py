@@ -8,15 +8,18 @@ from typing import Annotated
 
 import typer
 from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from triage.cli.common import ConfigOption, JsonOption, exit_with_error, load_settings
+from triage.config import DimseDestination
 from triage.db.base import utcnow
 from triage.db.models import PulledStudy, Source
 from triage.db.session import create_db_engine, make_session_factory, session_scope
+from triage.destinations import parse_destination
 from triage.domain import PeerKind
 from triage.results.senders.stow import redacted_url
 
@@ -35,7 +38,9 @@ def sources_list(config: ConfigOption = None, as_json: JsonOption = False) -> No
         rows = [
             {
                 "name": source.name,
-                "url": redacted_url(str(source.url)),
+                "url": redacted_url(str(source.url))
+                if source.kind == PeerKind.DICOMWEB
+                else f"{source.ae_title}@{source.host}:{source.port}",
                 "modalities": source.modalities or "any",
                 "enabled": source.enabled,
                 "search_from": source.search_from,
@@ -85,7 +90,12 @@ def source_pulled(session: Session, source_id: int) -> list[str]:
 @sources_app.command("add")
 def sources_add(
     name: Annotated[str, typer.Argument(help="A short name, e.g. cloud-archive.")],
-    url: Annotated[str, typer.Argument(help="The archive's DICOMweb base URL.")],
+    target: Annotated[
+        str,
+        typer.Argument(
+            help="The archive's DICOMweb base URL, or AE@host:port (C-FIND, C-MOVE to us)."
+        ),
+    ],
     token: Annotated[str | None, typer.Option(help="Bearer token.")] = None,
     username: Annotated[str | None, typer.Option(help="HTTP Basic user.")] = None,
     password: Annotated[str | None, typer.Option(help="HTTP Basic password.")] = None,
@@ -100,13 +110,13 @@ def sources_add(
     ] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Add an archive to poll (DICOMweb: QIDO-RS to find, WADO-RS to retrieve)."""
+    """Add an archive to poll: DICOMweb (QIDO-RS to find, WADO-RS to retrieve) or DIMSE
+    (C-FIND to find, C-MOVE to triage's AE title, which the archive must know)."""
     settings = load_settings(config)
-    if not url.startswith(("http://", "https://")):
-        exit_with_error(
-            f"{url!r} is not a DICOMweb URL (http:// or https://); DIMSE sources "
-            "(C-FIND/C-MOVE) are not supported yet"
-        )
+    try:
+        endpoint = parse_destination(target, name=name)
+    except ValidationError as exc:
+        exit_with_error(f"{target!r}: {exc.errors()[0]['msg']}")
     if since is not None and not (len(since) == 8 and since.isdigit()):
         exit_with_error(f"--since {since!r}: give a date as YYYYMMDD")
     options: dict[str, str] = {}
@@ -119,18 +129,26 @@ def sources_add(
     with session_scope(make_session_factory(create_db_engine(settings.database_url))) as session:
         if session.scalar(select(Source.id).where(Source.name == name)) is not None:
             exit_with_error(f"a source named {name} exists; remove it first")
-        session.add(
-            Source(
-                name=name,
-                kind=PeerKind.DICOMWEB,
-                url=url.rstrip("/"),
-                options=options,
-                modalities="\\".join(m.upper() for m in modality) if modality else None,
-                search_from=start,
-                next_poll_at=utcnow(),
-            )
+        source = Source(
+            name=name,
+            options=options,
+            modalities="\\".join(m.upper() for m in modality) if modality else None,
+            search_from=start,
+            next_poll_at=utcnow(),
         )
-    console.print(f"added {name}: {redacted_url(url)}, studies from {start} on")
+        if isinstance(endpoint, DimseDestination):
+            source.kind = PeerKind.DIMSE
+            source.ae_title, source.host, source.port = (
+                endpoint.ae_title,
+                endpoint.host,
+                endpoint.port,
+            )
+            where = f"{endpoint.ae_title}@{endpoint.host}:{endpoint.port}"
+        else:
+            source.kind, source.url = PeerKind.DICOMWEB, endpoint.url.rstrip("/")
+            where = redacted_url(endpoint.url)
+        session.add(source)
+    console.print(f"added {name}: {where}, studies from {start} on")
 
 
 @sources_app.command("remove")

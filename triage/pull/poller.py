@@ -1,6 +1,7 @@
 """Pulling from archives that cannot push (``triage-admin sources add``).
 
-Every ``pull_poll_seconds`` each enabled DICOMweb source is searched by QIDO-RS for studies
+Every ``pull_poll_seconds`` each enabled source is searched (QIDO-RS, or C-FIND for a DIMSE
+source: see ``triage.pull.dimse``) for studies
 whose StudyDate is from its ``search_from`` to today (and of its modalities, if it has any);
 each study not retrieved from it before is retrieved by WADO-RS, streamed part by part into
 the spool through the STOW-RS path (so never held in memory, and checked, stored and indexed
@@ -31,8 +32,10 @@ from triage.db.base import utcnow
 from triage.db.models import PulledStudy, Source
 from triage.db.session import SessionFactory, session_scope
 from triage.dicomweb.stow import StowRequest, media_type
+from triage.domain import PeerKind
 from triage.errors import PermanentError, RetryableError
 from triage.ingest.pipeline import Ingestor
+from triage.pull.dimse import find_studies, move_study
 from triage.results.senders.stow import http_client, redacted_url
 from triage.retry import Backoff
 
@@ -103,13 +106,23 @@ class Puller:
                 return PollReport(source=f"#{source_id}", error="no such source")
             name, search_from = source.name, source.search_from
             modalities = source.modalities
-            endpoint = source_endpoint(source)
+            dimse = (
+                (str(source.ae_title), str(source.host), int(source.port or 0))
+                if source.kind == PeerKind.DIMSE
+                else None
+            )
+            endpoint = None if dimse else source_endpoint(source)
             held = set(
                 session.scalars(
                     select(PulledStudy.study_uid).where(PulledStudy.source_id == source_id)
                 )
             )
         report = PollReport(source=name)
+        if dimse is not None:
+            self._poll_dimse(source_id, dimse, search_from, modalities, held, started, report)
+            self._settle(source_id, started, report)
+            return report
+        assert endpoint is not None
         try:
             with http_client(endpoint, timeout=TIMEOUT) as client:
                 found = self._search(client, endpoint.url, search_from, started, modalities)
@@ -129,6 +142,37 @@ class Puller:
             report.error = _describe(exc)
         self._settle(source_id, started, report)
         return report
+
+    def _poll_dimse(
+        self,
+        source_id: int,
+        peer: tuple[str, str, int],
+        search_from: str,
+        modalities: str | None,
+        held: set[str],
+        started: datetime,
+        report: PollReport,
+    ) -> None:
+        """C-FIND, then C-MOVE what is new to our listener (which completes it)."""
+        try:
+            found = find_studies(
+                self.settings,
+                *peer,
+                study_dates=f"{search_from}-{started:%Y%m%d}",
+                modalities=modalities,
+            )
+            report.found = len(found)
+            for study_uid in found:
+                if study_uid in held:
+                    continue
+                sent = move_study(self.settings, *peer, study_uid)
+                with session_scope(self.session_factory) as session:
+                    session.add(
+                        PulledStudy(source_id=source_id, study_uid=study_uid, instances=sent)
+                    )
+                report.pulled.append(study_uid)
+        except (RetryableError, ValueError, OSError) as exc:
+            report.error = _describe(exc)
 
     def _search(
         self,
