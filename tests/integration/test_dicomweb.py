@@ -378,6 +378,16 @@ def test_qido_rs_over_http(server: Server, tmp_path: Path) -> None:
     assert {item["00080018"]["Value"][0] for item in instances} == {
         ds.SOPInstanceUID for ds in datasets
     }
+    # Quotes and wildcard characters in a name are data, not SQL: answered, nothing matched.
+    for name in ("O'Brien*", "%", "_", "\\", "Robert'); DROP TABLE studies;--"):
+        odd = httpx.get(
+            f"{server.url}/dicom-web/studies",
+            params={"PatientName": name},
+            headers={"Authorization": f"Bearer {server.radiologist_token}"},
+        )
+        assert odd.status_code == 200, name
+        assert odd.json() == [], name
+    assert reader.search_for_studies(search_filters={"StudyInstanceUID": study.study_uid})
     bad = httpx.get(
         f"{server.url}/dicom-web/studies?NoSuchAttribute=1",
         headers={"Authorization": f"Bearer {server.radiologist_token}"},

@@ -6,6 +6,7 @@ of Orthanc."""
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -26,6 +27,8 @@ from triage.db.session import SessionFactory, create_db_engine, make_session_fac
 pytestmark = pytest.mark.slow
 
 orthanc_factory = peers.orthanc_factory
+
+OUTAGE_SECONDS = 60.0
 
 
 def admin(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
@@ -138,8 +141,9 @@ def test_new_studies_are_pulled_once_across_a_restart_and_an_outage(
             timeout=60,
             what="the study that arrived during the restart",
         )
-        # The archive goes away: polling fails, says so, and backs off.
+        # The archive goes away for a minute: polling fails, says so, and backs off.
         archive.stop()
+        stopped = time.monotonic()
         wait_for(
             lambda: "FAILING" in admin(env, "sources", "list").stdout,
             timeout=30,
@@ -150,6 +154,7 @@ def test_new_studies_are_pulled_once_across_a_restart_and_an_outage(
         assert ("cannot reach the source" if kind == "dicomweb" else "refused or did not") in (
             failing.stdout
         )
+        time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - stopped)))
         archive.start()
         third = todays_study(tmp_path / "third", 2)
         archive.upload_all(third.paths)
