@@ -9,10 +9,12 @@ import json
 import os
 import platform
 import resource
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
@@ -303,3 +305,14 @@ def filesystem(path: Path) -> str:
 
 def today() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%d")
+
+
+def venv_script(name: str) -> str:
+    """The console script installed beside this interpreter, else the one on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise ProcessError(f"{name} is not installed")
+    return found

@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -51,6 +50,7 @@ from bench.common import (
     percentile,
     running,
     today,
+    venv_script,
     wait_for_port,
 )
 from bench.ingest import generate_series
@@ -79,16 +79,6 @@ class Server:
     pid: int
 
 
-def _script(name: str) -> str:
-    beside = Path(sys.executable).parent / name
-    if beside.exists():
-        return str(beside)
-    found = shutil.which(name)
-    if found is None:
-        raise ProcessError(f"{name} is not installed")
-    return found
-
-
 @contextlib.contextmanager
 def triage_server(work: Path) -> Iterator[Server]:
     data_dir, http_port = work / "triage", free_port()
@@ -104,10 +94,12 @@ def triage_server(work: Path) -> Iterator[Server]:
             "TRIAGE_WORKERS": "0",
         }
     )
-    with running([_script("triage"), "serve"], env=env, log_path=work / "triage.log") as process:
+    with running(
+        [venv_script("triage"), "serve"], env=env, log_path=work / "triage.log"
+    ) as process:
         wait_for_port(http_port, process=process, timeout=120)
         token = subprocess.run(
-            [_script("triage-admin"), "tokens", "create", "bench", "--role", "admin"],
+            [venv_script("triage-admin"), "tokens", "create", "bench", "--role", "admin"],
             env=env,
             capture_output=True,
             text=True,

@@ -47,6 +47,7 @@ from bench.common import (
     run_all,
     running,
     today,
+    venv_script,
     wait_for_port,
 )
 
@@ -221,17 +222,6 @@ def measure_storescp(series: Series, work: Path, *, associations: int, timeout: 
     return sample
 
 
-def _venv_script(name: str) -> str:
-    """The console script installed beside this interpreter, else the one on PATH."""
-    beside = Path(sys.executable).parent / name
-    if beside.exists():
-        return str(beside)
-    found = shutil.which(name)
-    if found is None:
-        raise ProcessError(f"{name} is not installed")
-    return found
-
-
 def triage_env(
     data_dir: Path, *, dicom_port: int, http_port: int, processes: int = 1
 ) -> dict[str, str]:
@@ -255,7 +245,7 @@ def triage_env(
 def indexed_instances(env: dict[str, str]) -> int:
     """The total ``instances`` that ``triage-admin status --json`` reports."""
     completed = subprocess.run(
-        [_venv_script("triage-admin"), "status", "--json"],
+        [venv_script("triage-admin"), "status", "--json"],
         env=env,
         capture_output=True,
         text=True,
@@ -275,9 +265,7 @@ def measure_triage(
     while http_port == dicom_port:
         http_port = free_port()
     env = triage_env(work / "data", dicom_port=dicom_port, http_port=http_port, processes=processes)
-    with running(
-        [_venv_script("triage"), "serve"], env=env, log_path=work / "triage.log"
-    ) as server:
+    with running([venv_script("triage"), "serve"], env=env, log_path=work / "triage.log") as server:
         wait_for_port(dicom_port, process=server, timeout=120)
         cpu_before = cpu_seconds(server.pid)
         clock = MachineClock()

@@ -93,3 +93,15 @@ def run_admin(
         timeout=timeout,
         check=False,
     )
+
+
+def create_token(env: Mapping[str, str], name: str, role: str) -> str:
+    """A new API token from ``triage-admin tokens create`` on the database ``env`` names."""
+    return subprocess.run(
+        [str(VENV_BIN / "triage-admin"), "tokens", "create", name, "--role", role],
+        env={**env, "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.strip()

@@ -16,7 +16,6 @@ import io
 import json
 import socket
 import ssl
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from sqlalchemy import func, select
 
 from tests.conftest import free_port
 from tests.helpers.instances import ct_study
-from tests.helpers.process import VENV_BIN, port_open, running, wait_for
+from tests.helpers.process import VENV_BIN, create_token, port_open, running, wait_for
 from tests.helpers.tls import make_cert
 from triage.db.models import Instance, Study
 from triage.db.session import create_db_engine, make_session_factory, session_scope
@@ -81,17 +80,6 @@ class Server:
         return [path for path in tmp.rglob("*") if path.is_file() and path.stat().st_size]
 
 
-def _token(data_dir: Path, name: str, role: str) -> str:
-    return subprocess.run(
-        [str(VENV_BIN / "triage-admin"), "tokens", "create", name, "--role", role],
-        env={"TRIAGE_DATA_DIR": str(data_dir), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout.strip()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("stow")
@@ -119,9 +107,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             port=http_port,
             data_dir=data_dir,
             sender="archive",
-            sender_token=_token(data_dir, "archive", "sender"),
-            radiologist_token=_token(data_dir, "dr.who", "radiologist"),
+            sender_token=create_token(_admin(data_dir), "archive", "sender"),
+            radiologist_token=create_token(
+                {"TRIAGE_DATA_DIR": str(data_dir)}, "dr.who", "radiologist"
+            ),
         )
+
+
+def _admin(data_dir: Path) -> dict[str, str]:
+    return {"TRIAGE_DATA_DIR": str(data_dir)}
 
 
 def client(server: Server) -> DICOMwebClient:
@@ -335,7 +329,7 @@ def test_https_served_by_triage_itself(tmp_path: Path) -> None:
         log_file=tmp_path / "serve.log",
         ready=lambda: port_open(http_port),
     ):
-        token = _token(data_dir, "archive", "sender")
+        token = create_token(_admin(data_dir), "archive", "sender")
         path = ct_study(tmp_path / "s", 1).paths[0]
         with httpx.Client(verify=ssl.create_default_context(cafile=str(cert))) as https:
             wait_for(

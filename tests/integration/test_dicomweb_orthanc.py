@@ -14,23 +14,12 @@ from tests.conftest import free_port
 from tests.helpers import orthanc as peers
 from tests.helpers.instances import ct_study, dataset_bytes_of
 from tests.helpers.orthanc import OrthancFactory
-from tests.helpers.process import VENV_BIN, port_open, running, wait_for
+from tests.helpers.process import VENV_BIN, create_token, port_open, running, wait_for
 from triage.db.models import Instance, Job, Study
 from triage.db.session import create_db_engine, make_session_factory, session_scope
 from triage.domain import StudyStatus
 
 orthanc_factory = peers.orthanc_factory
-
-
-def _token(data_dir: Path, name: str, role: str) -> str:
-    return subprocess.run(
-        [str(VENV_BIN / "triage-admin"), "tokens", "create", name, "--role", role],
-        env={"TRIAGE_DATA_DIR": str(data_dir), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout.strip()
 
 
 def test_orthanc_stores_by_stow_rs_and_retrieves_by_wado_rs(
@@ -52,8 +41,8 @@ def test_orthanc_stores_by_stow_rs_and_retrieves_by_wado_rs(
         log_file=tmp_path / "serve.log",
         ready=lambda: port_open(http_port),
     ):
-        sender = _token(data_dir, "orthanc-stow", "sender")
-        reader = _token(data_dir, "orthanc-wado", "radiologist")
+        sender = create_token(env, "orthanc-stow", "sender")
+        reader = create_token(env, "orthanc-wado", "radiologist")
         url = f"http://127.0.0.1:{http_port}/dicom-web/"
         orthanc = orthanc_factory(
             extra_config={

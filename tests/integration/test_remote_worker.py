@@ -6,7 +6,6 @@ PACS (Orthanc) once."""
 from __future__ import annotations
 
 import json
-import subprocess
 import uuid
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from tests.conftest import free_port
 from tests.helpers import orthanc as peers
 from tests.helpers.orthanc import OrthancFactory
 from tests.helpers.phantoms import phantom_study
-from tests.helpers.process import VENV_BIN, port_open, running, wait_for
+from tests.helpers.process import VENV_BIN, create_token, port_open, running, wait_for
 from triage.db.models import Delivery, ResultObject
 from triage.db.session import create_db_engine, make_session_factory, session_scope
 from triage.domain import WorkState
@@ -29,17 +28,6 @@ orthanc_factory = peers.orthanc_factory
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
-
-
-def _token(env: dict[str, str], name: str, role: str) -> str:
-    return subprocess.run(
-        [str(VENV_BIN / "triage-admin"), "tokens", "create", name, "--role", role],
-        env={**env, "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout.strip()
 
 
 def test_a_worker_without_the_data_directory_analyses_and_delivers_once(
@@ -68,13 +56,13 @@ def test_a_worker_without_the_data_directory_analyses_and_delivers_once(
         log_file=tmp_path / "serve.log",
         ready=lambda: port_open(http_port),
     ):
-        sender = _token(serve_env, "archive", "sender")
+        sender = create_token(serve_env, "archive", "sender")
         worker_env = {
             **shared,
             "TRIAGE_DATA_DIR": str(worker_dir),
             "TRIAGE_WORKER_IMAGES": "dicomweb",
             "TRIAGE_SERVE_URL": f"http://127.0.0.1:{http_port}",
-            "TRIAGE_WORKER_TOKEN": _token(serve_env, "gpu-1", "worker"),
+            "TRIAGE_WORKER_TOKEN": create_token(serve_env, "gpu-1", "worker"),
         }
         study = phantom_study(tmp_path / "study", 100_011, lesion=True)
         boundary = uuid.uuid4().hex
