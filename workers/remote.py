@@ -57,11 +57,9 @@ class ImageStore:
     def keep_result(self, file_id: str, data: bytes) -> None:
         """Make a result file durable where deliveries will read it."""
         if not self.remote:
-            write_durably(
-                self.results / f"{file_id}.dcm",
-                data,
-                temporary=self.results / "tmp" / f"{file_id}.part",
-            )
+            temporary = self.results / "tmp" / f"{file_id}.part"
+            temporary.parent.mkdir(parents=True, exist_ok=True)
+            write_durably(self.results / f"{file_id}.dcm", data, temporary=temporary)
             return
         with self._client() as client:
             reply = _call(client, "PUT", f"/api/results/{file_id}", content=data)
