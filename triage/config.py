@@ -215,6 +215,10 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: Port = 8080
     http_tls: TlsFiles | None = None  # HTTPS: tokens and patient data off loopback need it
+    # The address clients reach triage's HTTP at (behind a proxy, or a name in a certificate),
+    # e.g. https://triage.example.org: DICOMweb Retrieve URLs are built on it. Empty: from
+    # each request's Host header.
+    public_url: Annotated[str, Field(pattern=r"^(https?://.+)?$")] = ""
     # DICOMweb: STOW-RS bodies above this are refused (413) without reading on; a body must
     # keep arriving at the rate below, averaged from the start once the timeout has passed,
     # and no wait for its next piece may be longer than the timeout (408 otherwise).

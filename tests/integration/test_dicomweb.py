@@ -95,6 +95,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "TRIAGE_WORKERS": "0",
         "TRIAGE_DICOMWEB_MAX_REQUEST_BYTES": str(LIMIT),
         "TRIAGE_DICOMWEB_TIMEOUT_SECONDS": "2",
+        "TRIAGE_PUBLIC_URL": f"http://127.0.0.1:{http_port}",
     }
     with running(
         [str(VENV_BIN / "triage"), "serve"],
@@ -364,8 +365,8 @@ def test_qido_rs_over_http(server: Server, tmp_path: Path) -> None:
     found = reader.search_for_studies(search_filters={"StudyInstanceUID": study.study_uid})
     assert len(found) == 1
     assert found[0]["00201208"]["Value"] == [2]
-    # From the Host header, which dicomweb-client (requests) sends without the port.
-    assert found[0]["00081190"]["Value"][0].endswith(f"/dicom-web/studies/{study.study_uid}")
+    # Built on public_url: dicomweb-client (requests) sends a Host header without the port.
+    assert found[0]["00081190"]["Value"] == [f"{server.url}/dicom-web/studies/{study.study_uid}"]
     instances = reader.search_for_instances(
         study_instance_uid=study.study_uid, series_instance_uid=study.series_uid
     )

@@ -102,6 +102,14 @@ async def store_study_instances(request: Request, caller: StoreCaller, study: St
     return await _store(request, caller.name, study)
 
 
+def _root(request: Request) -> str:
+    """The DICOMweb root clients reach us at, for Retrieve URLs: ``public_url`` when set (a
+    proxy, a name in a certificate), else what the request was sent to (its Host header)."""
+    settings: Settings = request.app.state.settings
+    base = settings.public_url.rstrip("/") if settings.public_url else str(request.base_url)
+    return base.rstrip("/") + "/dicom-web"
+
+
 async def _store(request: Request, caller: str, study_uid: str | None) -> Response:
     settings: Settings = request.app.state.settings
     ingestor = request.app.state.ingestor
@@ -154,7 +162,7 @@ async def _store(request: Request, caller: str, study_uid: str | None) -> Respon
     code = result.http_status()
     if code == 400 and not result.failed:
         return _error(400, result.syntax_error or "no instance in the body")
-    body = response_body(result, str(request.base_url) + "dicom-web", study_uid)
+    body = response_body(result, _root(request), study_uid)
     return JSONResponse(body, status_code=code, media_type=DICOM_JSON)
 
 
@@ -229,7 +237,7 @@ def _search(request: Request, session: Session, level: Level, fixed: dict[str, s
         query = parse_query(level, list(request.query_params.multi_items()), fixed=fixed)
     except QueryError as exc:
         return _error(400, str(exc))
-    base = str(request.base_url) + "dicom-web"
+    base = _root(request)
 
     def retrieve_url(uids: dict[str, str]) -> str:
         url = f"{base}/studies/{uids['study']}"
@@ -351,7 +359,7 @@ def _metadata(
         held = _held(request, session, study, series, instance)
     except _Refused as refused:
         return _error(refused.status_code, refused.message)
-    base = str(request.base_url) + "dicom-web"
+    base = _root(request)
     body = [
         metadata(
             item,
