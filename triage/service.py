@@ -97,6 +97,7 @@ class TriageService:
             self.registry = CollectorRegistry()
             self.metrics = IngestMetrics(self.registry)
         self.stopping = threading.Event()
+        self._signalled: int | None = None
         self._http: _HttpServer | None = None
         self.spool = Spool.for_settings(settings)
         self.sender = TaskSender(settings)
@@ -156,8 +157,21 @@ class TriageService:
             self._http.should_exit = True
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s, stopping", signal.Signals(signum).name)
-        self.stop()
+        """Only record the request. The handler runs in the main thread between any two of
+        its bytecodes, a second signal inside the first handler included: taking a lock here
+        (Event.set, logging) could wait for itself. ``_relay_signals``, in a thread of its own,
+        turns the request into ``stop()``."""
+        if self._signalled is None:
+            self._signalled = signum
+        if self._http is not None:
+            self._http.should_exit = True
+
+    def _relay_signals(self, stopping: threading.Event) -> None:
+        while not stopping.wait(0.1):
+            if self._signalled is not None:
+                log.info("received %s, stopping", signal.Signals(self._signalled).name)
+                self.stop()
+                return
 
     def run(self) -> None:
         """Upgrade the schema, then serve until SIGINT or SIGTERM (exit status 0)."""
@@ -200,6 +214,7 @@ class TriageService:
         loops = [
             threading.Thread(target=loop, args=(self.stopping,), name=name, daemon=True)
             for name, loop in (
+                ("signals", self._relay_signals),
                 ("completion", self.watcher.run),
                 ("pull", self.puller.run),
                 ("sweeper", self.sweeper.run),
@@ -218,7 +233,7 @@ class TriageService:
         for loop in loops:
             loop.start()
         try:
-            if not self.stopping.is_set():
+            if not self.stopping.is_set() and self._signalled is None:
                 self._http.run()
         finally:
             self.stopping.set()

@@ -154,3 +154,27 @@ def test_local_workers_die_with_a_killed_serve(tmp_path: Path, data_dir: Path) -
             timeout=30,
             what="the orphaned worker to exit",
         )
+
+
+def test_serve_stops_on_a_storm_of_signals(tmp_path: Path, data_dir: Path) -> None:
+    """Any number of SIGTERM and SIGINT at any moment: triage serve still stops, exit 0."""
+    http_port = free_port()
+    env = {
+        "TRIAGE_DATA_DIR": str(data_dir),
+        "TRIAGE_DICOM_PORT": str(free_port()),
+        "TRIAGE_HTTP_PORT": str(http_port),
+        "TRIAGE_SPOOL_MIN_FREE_MB": "1",
+        "TRIAGE_WORKERS": "0",
+    }
+    with running(
+        [str(VENV_BIN / "triage"), "serve"],
+        env=env,
+        log_file=tmp_path / "serve.log",
+        ready=lambda: port_open(http_port),
+    ) as process:
+        for n in range(2000):
+            try:
+                os.kill(process.pid, signal.SIGTERM if n % 2 else signal.SIGINT)
+            except ProcessLookupError:
+                break
+        assert process.wait(timeout=30) == 0
