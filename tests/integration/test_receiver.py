@@ -350,3 +350,36 @@ def test_metrics_count_instances_and_bytes(receiver: Receiver, tmp_path: Path) -
     assert received is not None
     assert abs(received - size) < 5 * 512  # our file meta differs a little from storescu's
     assert registry.get_sample_value("triage_spool_seconds_count") == 5
+
+
+IMPLICIT_LE = "1.2.840.10008.1.2"  # PS3.5 A.1
+EXPLICIT_LE = "1.2.840.10008.1.2.1"  # PS3.5 A.2
+DEFLATED_LE = "1.2.840.10008.1.2.1.99"  # PS3.5 A.5
+EXPLICIT_BE = "1.2.840.10008.1.2.2"  # PS3.5 A.3
+JPEG2000_LOSSLESS = "1.2.840.10008.1.2.4.90"  # PS3.5 A.4.4
+
+
+@pytest.mark.parametrize(
+    ("proposed", "expected"),
+    [
+        # pynetdicom's default context: the sender would rather not send Implicit VR.
+        ([IMPLICIT_LE, EXPLICIT_LE, DEFLATED_LE, EXPLICIT_BE], EXPLICIT_LE),
+        ([EXPLICIT_LE, IMPLICIT_LE], EXPLICIT_LE),
+        # A sender holding JPEG 2000 keeps it compressed.
+        ([JPEG2000_LOSSLESS, EXPLICIT_LE, IMPLICIT_LE], JPEG2000_LOSSLESS),
+        ([IMPLICIT_LE], IMPLICIT_LE),
+        (["1.2.3.4.5.6.7", EXPLICIT_BE, IMPLICIT_LE], EXPLICIT_BE),  # an unknown one skipped
+    ],
+)
+def test_each_context_takes_the_syntax_the_sender_proposed_first(
+    receiver: Receiver, proposed: list[str], expected: str
+) -> None:
+    ae = AE(ae_title="SENDER")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", proposed)  # CT Image Storage
+    assoc = ae.associate("127.0.0.1", receiver.port, ae_title="TRIAGE")
+    assert assoc.is_established
+    try:
+        (context,) = assoc.accepted_contexts
+        assert context.transfer_syntax[0] == expected
+    finally:
+        assoc.release()

@@ -233,10 +233,10 @@ def negotiate(
         refusal = rejection(PROTOCOL_VERSION_NOT_SUPPORTED, "protocol version not supported")
     elif str(primitive.application_context_name) != APPLICATION_CONTEXT_NAME:
         refusal = rejection(APPLICATION_CONTEXT_NOT_SUPPORTED, "application context unknown")
-    results, _roles = negotiate_as_acceptor(
-        primitive.presentation_context_definition_list, contexts, None
-    )
+    proposed = primitive.presentation_context_definition_list
+    results, _roles = negotiate_as_acceptor(proposed, contexts, None)
     accepted = [c for c in results if c.result == 0x00 and c.context_id is not None]
+    _prefer_the_senders_syntax(accepted, proposed, contexts)
     return Negotiation(
         calling_ae=str(primitive.calling_ae_title).strip(),
         called_ae=str(primitive.called_ae_title).strip(),
@@ -250,6 +250,30 @@ def negotiate(
         peer_max_pdu=primitive.maximum_length_received or 0,
         accept=_accept(primitive, results, settings) if refusal is None else b"",
     )
+
+
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+
+
+def _prefer_the_senders_syntax(
+    accepted: list[PresentationContext],
+    proposed: list[PresentationContext],
+    ours: list[PresentationContext],
+) -> None:
+    """In each accepted context, the first transfer syntax the sender proposed that we take,
+    so that it sends what it holds as it holds it (pynetdicom picks by our own order, Implicit
+    VR first); Implicit VR Little Endian only when the sender offered nothing else we take."""
+    supported = {str(c.abstract_syntax): {str(t) for t in c.transfer_syntax} for c in ours}
+    by_id = {c.context_id: c for c in proposed}
+    for context in accepted:
+        request = by_id.get(context.context_id)
+        if request is None:
+            continue
+        takes = supported.get(str(context.abstract_syntax), set())
+        offered = [str(t) for t in request.transfer_syntax if str(t) in takes]
+        explicit = [t for t in offered if t != IMPLICIT_VR_LITTLE_ENDIAN]
+        if explicit or offered:
+            context.transfer_syntax = [UID((explicit or offered)[0])]
 
 
 def _accept(
