@@ -88,6 +88,14 @@ class TlsFiles(_Model):
 _DIMSE_SHORT = re.compile(r"^(?P<ae_title>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d+)$")
 
 
+class UserIdentity(_Model):
+    """A username and passcode a calling AE must give at association (PS3.7 D.3.3.7)."""
+
+    ae_title: AETitle
+    username: str
+    passcode: SecretStr | None = None  # None: a username alone (identity type 1)
+
+
 class DimseDestination(_Model):
     """A PACS that takes our results by C-STORE."""
 
@@ -199,6 +207,9 @@ class Settings(BaseSettings):
     dicom_host: str = "0.0.0.0"  # noqa: S104 - a PACS on another host must reach us
     dicom_port: Port = 11112
     allowed_callers: list[AllowedCaller] = Field(default_factory=list)
+    # Optional user identity: a calling AE listed here must send this username (and passcode)
+    # or is rejected at association; a sender asking for a positive response gets one.
+    user_identities: list[UserIdentity] = Field(default_factory=list)
     max_associations: Annotated[int, Field(ge=1, le=256)] = 16
     dicom_processes: Annotated[int, Field(ge=1, le=64)] = 1
     max_pdu_bytes: Annotated[int, Field(ge=0)] = 131072

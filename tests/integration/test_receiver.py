@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
@@ -26,7 +27,7 @@ from tests.helpers.instances import (
     raw_file,
 )
 from tests.helpers.process import wait_for
-from triage.config import Settings
+from triage.config import Settings, UserIdentity
 from triage.db.models import AuditEvent, Instance, Study
 from triage.db.session import SessionFactory, session_scope
 from triage.dicom import status
@@ -383,3 +384,37 @@ def test_each_context_takes_the_syntax_the_sender_proposed_first(
         assert context.transfer_syntax[0] == expected
     finally:
         assoc.release()
+
+
+def test_user_identity_is_checked_when_configured(
+    settings: Settings, stack_factory: StackFactory
+) -> None:
+    settings = settings.model_copy(
+        update={
+            "routing_rules": [],
+            "user_identities": [
+                UserIdentity(ae_title="STORESCU", username="alice", passcode=SecretStr("s3cret"))
+            ],
+        }
+    )
+    listener = stack_factory(settings).listener()
+    path = pydicom_file("CT_small.dcm")
+
+    def send(*identity: str, calling: str = "STORESCU") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["storescu", "-aet", calling, "-aec", "TRIAGE", *identity,
+             "127.0.0.1", str(listener.port), str(path)],
+            env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"},
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+
+    # The right username and passcode, a positive response asked for and given.
+    good = send("--user", "alice", "--password", "s3cret", "--pos-response")
+    assert good.returncode == 0, good.stdout + good.stderr
+    # A wrong passcode, or none at all: rejected at association.
+    wrong = send("--user", "alice", "--password", "guess", "--pos-response")
+    assert wrong.returncode != 0
+    assert "Association Rejected" in wrong.stdout + wrong.stderr
+    assert send().returncode != 0
+    # A calling AE with no identity configured is not asked for one.
+    assert send(calling="OTHER").returncode == 0

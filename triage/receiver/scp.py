@@ -7,6 +7,7 @@ named DIMSE status.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import socket
 import ssl
@@ -30,6 +31,7 @@ from triage.receiver.upper import (
     CALLED_AE_NOT_RECOGNISED,
     CALLING_AE_NOT_RECOGNISED,
     LOCAL_LIMIT_EXCEEDED,
+    NO_REASON_GIVEN,
     AcceptorServer,
     AcceptorSettings,
     Rejection,
@@ -239,6 +241,7 @@ class DicomListener:
                 dimse_timeout=settings.dimse_timeout_seconds,
                 implementation_class_uid=IMPLEMENTATION_CLASS_UID,
                 implementation_version_name=implementation_version_name(__version__),
+                identities_checked=bool(settings.user_identities),
             ),
             policy=self,
             contexts=self._contexts,
@@ -287,9 +290,29 @@ class DicomListener:
             requestor.address
         ):
             return rejection(CALLING_AE_NOT_RECOGNISED, "calling AE title not allowed")
+        if not self._identity_accepted(requestor):
+            return rejection(NO_REASON_GIVEN, "user identity not accepted")
         if active >= self.settings.max_associations:
             return rejection(LOCAL_LIMIT_EXCEEDED, "too many associations")
         return None
+
+    def _identity_accepted(self, requestor: Requestor) -> bool:
+        """A calling AE with user identities configured must send one of them."""
+        wanted = [i for i in self.settings.user_identities if i.ae_title == requestor.calling_ae]
+        if not wanted:
+            return True
+        sent = requestor.identity
+        if sent is None or sent.kind not in (1, 2):
+            return False
+        for identity in wanted:
+            passcode = identity.passcode.get_secret_value() if identity.passcode else None
+            if not hmac.compare_digest(sent.primary, identity.username.encode()):
+                continue
+            if passcode is None or (
+                sent.kind == 2 and hmac.compare_digest(sent.secondary, passcode.encode())
+            ):
+                return True
+        return False
 
     def rejected(self, requestor: Requestor, refusal: Rejection) -> None:
         log.warning(

@@ -33,6 +33,7 @@ from pynetdicom.pdu_primitives import (
     ImplementationClassUIDNotification,
     ImplementationVersionNameNotification,
     MaximumLengthNotification,
+    UserIdentityNegotiation,
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
@@ -85,6 +86,7 @@ class Rejection:
     why: str
 
 
+NO_REASON_GIVEN = (0x01, 0x01, 0x01)  # also the answer to a user identity not accepted
 CALLING_AE_NOT_RECOGNISED = (0x01, 0x01, 0x03)
 CALLED_AE_NOT_RECOGNISED = (0x01, 0x01, 0x07)
 APPLICATION_CONTEXT_NOT_SUPPORTED = (0x01, 0x01, 0x02)
@@ -96,6 +98,17 @@ def rejection(code: tuple[int, int, int], why: str) -> Rejection:
     return Rejection(*code, why=why)
 
 
+@dataclass(frozen=True)
+class UserIdentity:
+    """The User Identity sub-item of an A-ASSOCIATE-RQ (PS3.7 D.3.3.7): type 1 a username,
+    2 a username and passcode (others are kept as sent)."""
+
+    kind: int
+    primary: bytes
+    secondary: bytes
+    positive_response_requested: bool
+
+
 @dataclass
 class Requestor:
     """The association-requestor (PS3.8) and its association, as the policy sees them."""
@@ -104,6 +117,7 @@ class Requestor:
     port: int
     calling_ae: str = ""
     called_ae: str = ""
+    identity: UserIdentity | None = None
     started: float = field(default_factory=time.monotonic)
     instances: int = 0
 
@@ -199,6 +213,8 @@ class AcceptorSettings:
     dimse_timeout: float
     implementation_class_uid: str
     implementation_version_name: str
+    identities_checked: bool = False
+    """User identities are checked (a positive response is sent when one is requested)."""
 
 
 @dataclass(frozen=True)
@@ -212,6 +228,7 @@ class Negotiation:
     transfer_syntaxes: Mapping[int, str]  # accepted presentation context id -> transfer syntax
     abstract_syntaxes: Mapping[int, str]  # accepted presentation context id -> SOP class
     peer_max_pdu: int
+    identity: UserIdentity | None
     accept: bytes  # the A-ASSOCIATE-AC to send
 
 
@@ -233,6 +250,19 @@ def negotiate(
         refusal = rejection(PROTOCOL_VERSION_NOT_SUPPORTED, "protocol version not supported")
     elif str(primitive.application_context_name) != APPLICATION_CONTEXT_NAME:
         refusal = rejection(APPLICATION_CONTEXT_NOT_SUPPORTED, "application context unknown")
+    identity = next(
+        (
+            UserIdentity(
+                int(item.user_identity_type or 0),
+                bytes(item.primary_field or b""),
+                bytes(item.secondary_field or b""),
+                bool(item.positive_response_requested),
+            )
+            for item in primitive.user_information
+            if isinstance(item, UserIdentityNegotiation)
+        ),
+        None,
+    )
     proposed = primitive.presentation_context_definition_list
     results, _roles = negotiate_as_acceptor(proposed, contexts, None)
     accepted = [c for c in results if c.result == 0x00 and c.context_id is not None]
@@ -248,7 +278,8 @@ def negotiate(
             {c.context_id: str(c.abstract_syntax) for c in accepted if c.context_id}
         ),
         peer_max_pdu=primitive.maximum_length_received or 0,
-        accept=_accept(primitive, results, settings) if refusal is None else b"",
+        identity=identity,
+        accept=_accept(primitive, results, settings, identity) if refusal is None else b"",
     )
 
 
@@ -277,7 +308,10 @@ def _prefer_the_senders_syntax(
 
 
 def _accept(
-    primitive: A_ASSOCIATE, results: list[PresentationContext], settings: AcceptorSettings
+    primitive: A_ASSOCIATE,
+    results: list[PresentationContext],
+    settings: AcceptorSettings,
+    identity: UserIdentity | None,
 ) -> bytes:
     reply = A_ASSOCIATE()
     reply.application_context_name = UID(APPLICATION_CONTEXT_NAME)
@@ -293,6 +327,12 @@ def _accept(
     version = ImplementationVersionNameNotification()
     version.implementation_version_name = settings.implementation_version_name
     reply.user_information = [maximum, implementation, version]
+    if settings.identities_checked and identity and identity.positive_response_requested:
+        # Sent only with an association the policy accepted, identity checked (PS3.7 D.3.3.7.2:
+        # empty for a username, with or without passcode).
+        response = UserIdentityNegotiation()
+        response.server_response = b""
+        reply.user_information.append(response)
     pdu = A_ASSOCIATE_AC()
     pdu.from_primitive(reply)
     return bytes(pdu.encode())
@@ -495,6 +535,7 @@ class Association:
         negotiation = self.server.negotiation(_PDU_HEADER.pack(pdu_type, len(body)) + body)
         self.requestor.calling_ae = negotiation.calling_ae
         self.requestor.called_ae = negotiation.called_ae
+        self.requestor.identity = negotiation.identity
         others = self._others_active
         if others is None:
             others = self.server.active_count() - 1
