@@ -266,7 +266,9 @@ class Puller:
                     "source": source.name,
                     "failures": source.failures,
                     "retry_in": round(wait, 1),
-                    "url": redacted_url(str(source.url)),
+                    "url": redacted_url(str(source.url))
+                    if source.kind == PeerKind.DICOMWEB
+                    else f"{source.ae_title}@{source.host}:{source.port}",
                 },
             )
 
