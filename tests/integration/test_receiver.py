@@ -418,3 +418,18 @@ def test_user_identity_is_checked_when_configured(
     assert send().returncode != 0
     # A calling AE with no identity configured is not asked for one.
     assert send(calling="OTHER").returncode == 0
+
+
+def test_a_c_cancel_gets_no_answer_and_the_association_goes_on(receiver: Receiver) -> None:
+    """PS3.7 9.3.2.3: C-CANCEL-RQ has no response; nothing is running for it to cancel here."""
+    ae = AE(ae_title="CANCELLER")
+    ae.add_requested_context("1.2.840.10008.1.1")  # Verification
+    assoc = ae.associate("127.0.0.1", receiver.port, ae_title="TRIAGE")
+    assert assoc.is_established
+    try:
+        (context,) = assoc.accepted_contexts
+        assoc.send_c_cancel(1, context.context_id)
+        assert assoc.send_c_echo().Status == 0x0000
+        assert assoc.is_established
+    finally:
+        assoc.release()

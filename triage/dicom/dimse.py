@@ -15,6 +15,7 @@ from triage.errors import DicomInputError
 
 C_STORE_RQ = 0x0001
 C_ECHO_RQ = 0x0030
+C_CANCEL_RQ = 0x0FFF  # carries Message ID Being Responded To, not a Message ID (PS3.7 9.3.2.3)
 RESPONSE_BIT = 0x8000
 NO_DATASET = 0x0101
 """Command Data Set Type meaning "no data set follows"; any other value means one does."""
@@ -68,9 +69,11 @@ def parse_command(data: bytes | bytearray) -> Command:
             raise DicomInputError("command set element longer than the command set")
         elements[element] = bytes(data[offset : offset + length])
         offset += length
+    command_field = _unsigned_short(elements, _COMMAND_FIELD, "Command Field")
+    cancel_without_id = command_field == C_CANCEL_RQ and _MESSAGE_ID not in elements
     return Command(
-        command_field=_unsigned_short(elements, _COMMAND_FIELD, "Command Field"),
-        message_id=_unsigned_short(elements, _MESSAGE_ID, "Message ID"),
+        command_field=command_field,
+        message_id=0 if cancel_without_id else _unsigned_short(elements, _MESSAGE_ID, "Message ID"),
         has_dataset=_unsigned_short(elements, _COMMAND_DATA_SET_TYPE, "Command Data Set Type")
         != NO_DATASET,
         affected_sop_class_uid=uid_text(elements.get(_AFFECTED_SOP_CLASS_UID, b"")),

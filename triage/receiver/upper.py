@@ -38,7 +38,14 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
 from triage.dicom import status
-from triage.dicom.dimse import C_ECHO_RQ, C_STORE_RQ, Command, encode_response, parse_command
+from triage.dicom.dimse import (
+    C_CANCEL_RQ,
+    C_ECHO_RQ,
+    C_STORE_RQ,
+    Command,
+    encode_response,
+    parse_command,
+)
 from triage.errors import DicomInputError
 
 log = logging.getLogger(__name__)
@@ -604,6 +611,11 @@ class Association:
                             raise _Abort(str(exc)) from exc
                         command_bytes.clear()
                         context_id = pdv_context
+                        if command.command_field == C_CANCEL_RQ:
+                            # Nothing of ours runs in the background to cancel, and a C-CANCEL
+                            # gets no response (PS3.7 9.3.2.3): the association goes on.
+                            command = None
+                            continue
                         if not command.has_dataset:
                             self._answer(context_id, command, self._no_dataset(command))
                             command = None
