@@ -261,7 +261,9 @@ class StowRequest:
             return
         uids = (header.sop_class_uid, header.sop_instance_uid)
         try:
-            ingested = self.ingestor.ingest(data, calling_ae=None, source="stow", incoming=incoming)
+            ingested = self.ingestor.ingest(
+                data, calling_ae=None, source="stow", incoming=incoming, header=header
+            )
         except DatasetMismatchError as exc:
             failure = FailedInstance(status.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc), *uids)
         except DicomInputError as exc:

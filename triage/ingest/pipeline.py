@@ -83,20 +83,22 @@ class Ingestor:
         source: str,
         requested: tuple[str, str] | None = None,
         incoming: IncomingFile | None = None,
+        header: InstanceHeader | None = None,
     ) -> Ingested:
         """Store one DICOM file's bytes (preamble and meta included).
 
         ``requested`` is the (SOP Class UID, SOP Instance UID) a C-STORE request named; the
         dataset must carry the same. ``incoming`` is a spool file already holding ``data``
         (the listener writes it while the data set arrives); it is committed or discarded
-        here. Raises DicomInputError (cannot be understood) or OutOfResourcesError (try later).
+        here. ``header`` is ``parse_header(data)`` where the caller has it already. Raises
+        DicomInputError (cannot be understood) or OutOfResourcesError (try later).
         """
         started = time.perf_counter()
         if incoming is None:
             incoming = self.spool.open()  # refuses below the free-space reserve, before parsing
             incoming.write(data)
         try:
-            header = self._checked_header(data, requested)
+            header = self._checked_header(data, requested, header)
         except BaseException:
             incoming.discard()
             raise
@@ -122,8 +124,11 @@ class Ingestor:
         return ingested
 
     @staticmethod
-    def _checked_header(data: Bytes, requested: tuple[str, str] | None) -> InstanceHeader:
-        header = parse_header(data)
+    def _checked_header(
+        data: Bytes, requested: tuple[str, str] | None, header: InstanceHeader | None
+    ) -> InstanceHeader:
+        if header is None:
+            header = parse_header(data)
         if requested is not None and requested != (header.sop_class_uid, header.sop_instance_uid):
             raise DatasetMismatchError("dataset UIDs differ from the C-STORE request")
         return header
