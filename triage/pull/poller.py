@@ -18,11 +18,13 @@ archive, are not found by the search.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 
 import httpx
 from sqlalchemy import select
@@ -105,6 +107,7 @@ class Puller:
             if source is None:
                 return PollReport(source=f"#{source_id}", error="no such source")
             name, search_from = source.name, source.search_from
+            study_dates = f"{search_from}-{started:%Y%m%d}"
             modalities = source.modalities
             dimse = (
                 (str(source.ae_title), str(source.host), int(source.port or 0))
@@ -118,71 +121,49 @@ class Puller:
                 )
             )
         report = PollReport(source=name)
-        if dimse is not None:
-            self._poll_dimse(source_id, dimse, search_from, modalities, held, started, report)
-            self._settle(source_id, started, report)
-            return report
-        assert endpoint is not None
         try:
-            with http_client(endpoint, timeout=TIMEOUT) as client:
-                found = self._search(client, endpoint.url, search_from, started, modalities)
+            with contextlib.ExitStack() as stack:
+                search: Callable[[], list[str]]
+                retrieve: Callable[[str], int]
+                if dimse is not None:
+                    # C-MOVE to our own listener, whose association end completes the study.
+                    search = partial(
+                        find_studies,
+                        self.settings,
+                        *dimse,
+                        study_dates=study_dates,
+                        modalities=modalities,
+                    )
+                    retrieve = partial(move_study, self.settings, *dimse)
+                    completes_itself = True
+                else:
+                    assert endpoint is not None
+                    client = stack.enter_context(http_client(endpoint, timeout=TIMEOUT))
+                    search = partial(self._search, client, endpoint.url, study_dates, modalities)
+                    retrieve = partial(self._retrieve, client, endpoint.url, name=name)
+                    completes_itself = False
+                found = search()
                 report.found = len(found)
                 for study_uid in found:
                     if study_uid in held:
                         continue
-                    stored = self._retrieve(client, endpoint.url, study_uid, name)
+                    stored = retrieve(study_uid)
                     with session_scope(self.session_factory) as session:
                         session.add(
                             PulledStudy(source_id=source_id, study_uid=study_uid, instances=stored)
                         )
                     report.pulled.append(study_uid)
-                    if self.on_pulled is not None:
+                    if self.on_pulled is not None and not completes_itself:
                         self.on_pulled({study_uid})
-        except (httpx.HTTPError, RetryableError, PermanentError, ValueError) as exc:
+        except (httpx.HTTPError, RetryableError, PermanentError, ValueError, OSError) as exc:
             report.error = _describe(exc)
         self._settle(source_id, started, report)
         return report
 
-    def _poll_dimse(
-        self,
-        source_id: int,
-        peer: tuple[str, str, int],
-        search_from: str,
-        modalities: str | None,
-        held: set[str],
-        started: datetime,
-        report: PollReport,
-    ) -> None:
-        """C-FIND, then C-MOVE what is new to our listener (which completes it)."""
-        try:
-            found = find_studies(
-                self.settings,
-                *peer,
-                study_dates=f"{search_from}-{started:%Y%m%d}",
-                modalities=modalities,
-            )
-            report.found = len(found)
-            for study_uid in found:
-                if study_uid in held:
-                    continue
-                sent = move_study(self.settings, *peer, study_uid)
-                with session_scope(self.session_factory) as session:
-                    session.add(
-                        PulledStudy(source_id=source_id, study_uid=study_uid, instances=sent)
-                    )
-                report.pulled.append(study_uid)
-        except (RetryableError, ValueError, OSError) as exc:
-            report.error = _describe(exc)
-
     def _search(
-        self,
-        client: httpx.Client,
-        base: str,
-        search_from: str,
-        now: datetime,
-        modalities: str | None,
+        self, client: httpx.Client, base: str, study_dates: str, modalities: str | None
     ) -> list[str]:
-        params = {"StudyDate": f"{search_from}-{now:%Y%m%d}", "limit": str(PAGE)}
+        params = {"StudyDate": study_dates, "limit": str(PAGE)}
         if modalities:
             params["ModalitiesInStudy"] = modalities.replace("\\", ",")
         found: list[str] = []
@@ -207,7 +188,7 @@ class Puller:
             offset += len(page)
         return found
 
-    def _retrieve(self, client: httpx.Client, base: str, study_uid: str, name: str) -> int:
+    def _retrieve(self, client: httpx.Client, base: str, study_uid: str, *, name: str) -> int:
         """Retrieve one study into the spool, part by part; the instances stored."""
         url = f"{base.rstrip('/')}/studies/{study_uid}"
         with client.stream("GET", url, headers={"Accept": AS_STORED}) as reply:
