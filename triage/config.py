@@ -215,6 +215,9 @@ class Settings(BaseSettings):
     max_pdu_bytes: Annotated[int, Field(ge=0)] = 131072
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
     dimse_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    # Memory each association receives a data set through, whatever the object's size: the
+    # data set is written to the spool each time this fills.
+    receive_buffer_kb: Annotated[int, Field(ge=16, le=65536)] = 256
     tls: TlsFiles | None = None
     spool_min_free_mb: Annotated[int, Field(ge=0)] = 1024
 

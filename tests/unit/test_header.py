@@ -14,7 +14,11 @@ from pydicom import dcmread
 from pydicom.data.data_manager import external_data_sources
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from tests.helpers.instances import pydicom_file
 from triage.dicom.header import InstanceHeader, parse_header
@@ -175,3 +179,21 @@ def test_values_read_as_pydicom_reads_them(attributes: dict[str, Any]) -> None:
     """ASCII values are decoded without pydicom; these must still come out as pydicom's."""
     data = _with(**attributes)
     assert parse_header(data) == reference(data)
+
+
+def test_a_deflated_data_set_that_inflates_past_the_bound_is_refused() -> None:
+    """A few hundred KiB deflated can inflate to gigabytes: the reader stops at its bound
+    (256 MiB, documented in the conformance statement) instead of inflating it all."""
+    ds = dcmread(pydicom_file("CT_small.dcm"))
+    ds.EncapsulatedDocument = bytes(300 << 20)  # zeros: about 300 KiB deflated
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    assert len(data) < 2 << 20
+    with pytest.raises(DicomInputError, match="inflates beyond"):
+        parse_header(data)
+    del ds.EncapsulatedDocument
+    small = BytesIO()
+    ds.save_as(small, enforce_file_format=True)
+    assert parse_header(small.getvalue()) == reference(small.getvalue())

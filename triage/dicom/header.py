@@ -273,6 +273,11 @@ def data_set_offset(data: Bytes) -> int:
         return 0
 
 
+MAX_INFLATED_BYTES = 256 << 20
+"""A deflated data set is read inflated, in memory, up to this size (Deflated Explicit VR
+Little Endian carries structured reports and the like, not images)."""
+
+
 @functools.lru_cache(maxsize=64)
 def _encoding(syntax: str) -> tuple[bool, bool]:
     """(implicit VR, little endian) of a transfer syntax; an unknown one is read as explicit
@@ -293,10 +298,13 @@ def _scan(data: Bytes) -> tuple[str, dict[int, bytes]]:
     syntax = uid_text(meta[_TRANSFER_SYNTAX])
     body, start = data, offset
     if syntax == DeflatedExplicitVRLittleEndian:
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         try:
-            body, start = zlib.decompress(data[offset:], -zlib.MAX_WBITS), 0
+            body, start = inflater.decompress(data[offset:], MAX_INFLATED_BYTES), 0
         except zlib.error as exc:
             raise DicomInputError("deflated data set does not inflate") from exc
+        if inflater.unconsumed_tail:
+            raise DicomInputError(f"deflated data set inflates beyond {MAX_INFLATED_BYTES} bytes")
     implicit, little = _encoding(syntax)
     vr = bytes(body[start + 4 : start + 6])
     if not implicit and len(vr) == 2 and not (vr.isalpha() and vr.isupper()):

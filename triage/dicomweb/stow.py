@@ -3,17 +3,16 @@ each part streamed into the spool and indexed like a C-STORE before the response
 
 ``StowRequest`` is fed the body piece by piece (``feed``) from the HTTP layer and parses it
 as it arrives (python-multipart). A part's bytes go straight into a spool file; when the part
-ends, the file is read back through ``mmap`` (page cache, not process memory) to check and
-index it. Memory per request is the parser's buffer and one piece, whatever the body size.
-Every part gets an outcome: stored (duplicates of an instance held are stored, as over
-DIMSE) or failed with a PS3.18 failure reason. Nothing of a part that fails is kept.
+ends, the file is read back mapped (page cache, not process memory) to check and index it,
+and a re-send is compared with the held file on disk, in pieces. Memory per request is the
+parser's buffer and one piece, whatever the body size. Every part gets an outcome: stored
+(duplicates of an instance held are stored, as over DIMSE) or failed with a PS3.18 failure
+reason. Nothing of a part that fails is kept.
 """
 
 from __future__ import annotations
 
 import logging
-import mmap
-import os
 from dataclasses import dataclass, field
 from email.message import Message
 
@@ -229,30 +228,15 @@ class StowRequest:
     # -- one instance ----------------------------------------------------------------------------
 
     def _store(self, incoming: IncomingFile) -> None:
-        path = self.ingestor.spool.temporary_location_for(incoming.file_id)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-            finally:
-                os.close(fd)
-        except OSError as exc:
+            with incoming.mapped() as data:
+                header = parse_header(data)
+        except (DicomInputError, OutOfResourcesError) as exc:
             incoming.discard()
-            self._fail(FailedInstance(status.PROCESSING_FAILURE, type(exc).__name__))
-            return
-        with mapped:
-            data = memoryview(mapped)
-            try:
-                self._check_and_ingest(data, incoming)
-            finally:
-                data.release()
-
-    def _check_and_ingest(self, data: memoryview, incoming: IncomingFile) -> None:
-        try:
-            header = parse_header(data)
-        except DicomInputError as exc:
-            incoming.discard()
-            self._fail(FailedInstance(status.CANNOT_UNDERSTAND, str(exc)))
+            code = status.CANNOT_UNDERSTAND
+            if isinstance(exc, OutOfResourcesError):
+                code = status.PROCESSING_FAILURE
+            self._fail(FailedInstance(code, str(exc)))
             return
         refusal = self._refusal(header)
         if refusal is not None:
@@ -262,7 +246,7 @@ class StowRequest:
         uids = (header.sop_class_uid, header.sop_instance_uid)
         try:
             ingested = self.ingestor.ingest(
-                data, calling_ae=None, source="stow", incoming=incoming, header=header
+                None, calling_ae=None, source="stow", incoming=incoming, header=header
             )
         except DatasetMismatchError as exc:
             failure = FailedInstance(status.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc), *uids)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import logging
 import os
 import threading
@@ -12,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
@@ -27,6 +29,34 @@ from triage.storage.spool import IncomingFile, Spool, SpooledFile, content_diges
 log = logging.getLogger(__name__)
 
 INDEX_ATTEMPTS = 3
+
+
+COMPARED_BYTES = 1 << 20
+"""Two files' data sets are compared in pieces of this size (memory stays flat for any size)."""
+META_BYTES = 64 << 10
+"""Room to find where a file's data set starts (its File Meta Information is far shorter)."""
+
+
+def same_data_set(first: BinaryIO, second: BinaryIO) -> bool:
+    """Whether two DICOM files carry the same data set byte for byte, their file meta aside;
+    read in pieces."""
+    first_start, second_start = (data_set_offset(file.read(META_BYTES)) for file in (first, second))
+    first_size = first.seek(0, io.SEEK_END) - first_start
+    if first_size != second.seek(0, io.SEEK_END) - second_start:
+        return False
+    first.seek(first_start)
+    second.seek(second_start)
+    while True:
+        piece = first.read(COMPARED_BYTES)
+        if piece != second.read(COMPARED_BYTES):
+            return False
+        if not piece:
+            return True
+
+
+def _opened(content: Bytes | str) -> BinaryIO:
+    """A DICOM file's bytes, or its path, as a file (bytes are copied: they are small)."""
+    return open(content, "rb") if isinstance(content, str) else io.BytesIO(content)
 
 
 @dataclass(frozen=True)
@@ -77,7 +107,7 @@ class Ingestor:
 
     def ingest(
         self,
-        data: Bytes,
+        data: Bytes | None,
         *,
         calling_ae: str | None,
         source: str,
@@ -88,25 +118,34 @@ class Ingestor:
         """Store one DICOM file's bytes (preamble and meta included).
 
         ``requested`` is the (SOP Class UID, SOP Instance UID) a C-STORE request named; the
-        dataset must carry the same. ``incoming`` is a spool file already holding ``data``
-        (the listener writes it while the data set arrives); it is committed or discarded
-        here. ``header`` is ``parse_header(data)`` where the caller has it already. Raises
-        DicomInputError (cannot be understood) or OutOfResourcesError (try later).
+        dataset must carry the same. ``incoming`` is a spool file already holding ``data``, or,
+        with ``data`` None, holding the whole file (the listener writes each data set to it
+        while it arrives, and never holds it whole): it is committed or discarded here, and
+        the header is read from it on disk. ``header`` is ``parse_header(data)`` where the
+        caller has it already. Raises DicomInputError (cannot be understood) or
+        OutOfResourcesError (try later).
         """
         started = time.perf_counter()
         if incoming is None:
+            if data is None:
+                raise ValueError("ingest needs the data or the spool file holding it")
             incoming = self.spool.open()  # refuses below the free-space reserve, before parsing
             incoming.write(data)
         try:
-            header = self._checked_header(data, requested, header)
+            if header is None and data is None:
+                with incoming.mapped() as written:
+                    header = self._checked_header(written, requested, None)
+            else:
+                header = self._checked_header(data, requested, header)
         except BaseException:
             incoming.discard()
             raise
         spooled = incoming.commit()
         # Duplicates are found inside the index transaction; an identical re-send costs one
         # spool write that is removed again, which keeps new instances on the short path.
+        content = spooled.location if data is None else data
         try:
-            result = self._index(header, spooled=spooled, data=data, calling_ae=calling_ae)
+            result = self._index(header, spooled=spooled, content=content, calling_ae=calling_ae)
         except BaseException:
             self.spool.remove(spooled.file_id)
             raise
@@ -117,7 +156,7 @@ class Ingestor:
             self.metrics.duplicates.inc()
         else:
             self.metrics.instances.labels(source=source).inc()
-            self.metrics.bytes.inc(len(data))
+            self.metrics.bytes.inc(spooled.size_bytes)
         self.metrics.spool_seconds.observe(time.perf_counter() - started)
         if self.on_stored is not None:
             self.on_stored(ingested, calling_ae)
@@ -125,9 +164,10 @@ class Ingestor:
 
     @staticmethod
     def _checked_header(
-        data: Bytes, requested: tuple[str, str] | None, header: InstanceHeader | None
+        data: Bytes | None, requested: tuple[str, str] | None, header: InstanceHeader | None
     ) -> InstanceHeader:
         if header is None:
+            assert data is not None
             header = parse_header(data)
         if requested is not None and requested != (header.sop_class_uid, header.sop_instance_uid):
             raise DatasetMismatchError("dataset UIDs differ from the C-STORE request")
@@ -142,7 +182,7 @@ class Ingestor:
         data = path.read_bytes()
         header = parse_header(data)
         spooled = SpooledFile(path.stem, str(path), len(data), content_digest(data))
-        result = self._index(header, spooled=spooled, data=data, calling_ae=header.source_ae)
+        result = self._index(header, spooled=spooled, content=data, calling_ae=header.source_ae)
         if result.outcome is IndexOutcome.DUPLICATE:
             self.spool.remove(spooled.file_id)
         return Ingested(header, result)
@@ -183,19 +223,20 @@ class Ingestor:
         if fd is not None:
             os.close(fd)
 
-    def _same_content(self, data: Bytes) -> SameContent:
-        """Whether a spool file carries the data set of ``data``, byte for byte, whatever its
-        file meta (a missing or unreadable file does not). Only a re-send asks, so nothing is
-        worked out before."""
+    def _same_content(self, content: Bytes | str) -> SameContent:
+        """Whether a spool file carries the data set of ``content`` (a DICOM file's bytes, or
+        its path), byte for byte, whatever its file meta (a missing or unreadable file does
+        not). Only a re-send asks, so nothing is worked out before."""
 
         def same(file_id: str) -> bool:
             try:
-                with open(self.spool.location_for(file_id), "rb") as file:
-                    held = memoryview(file.read())
+                with (
+                    open(self.spool.location_for(file_id), "rb") as held,
+                    _opened(content) as ours,
+                ):
+                    return same_data_set(held, ours)
             except OSError:
                 return False
-            ours = memoryview(data)
-            return held[data_set_offset(held) :] == ours[data_set_offset(ours) :]
 
         return same
 
@@ -204,10 +245,10 @@ class Ingestor:
         header: InstanceHeader,
         *,
         spooled: SpooledFile,
-        data: Bytes,
+        content: Bytes | str,
         calling_ae: str | None,
     ) -> IndexResult:
-        same_content = self._same_content(data)
+        same_content = self._same_content(content)
         for attempt in range(1, INDEX_ATTEMPTS + 1):
             try:
                 with self._transaction() as connection:

@@ -49,10 +49,6 @@ VERIFICATION = "1.2.840.10008.1.1"
 
 AssociationEnded = Callable[[set[str]], None]
 
-# A data set goes to its spool file in pieces of this size while it arrives (each piece is a
-# write, a hash update and a start of writeback: a release of the GIL each).
-WRITE_BYTES = 256 * 1024
-
 # Empty spool files kept ready, so an association does not wait for a file to be created.
 SPARE_FILES = 8
 
@@ -69,36 +65,33 @@ def server_tls_context(tls: TlsFiles) -> ssl.SSLContext:
 
 
 class DataSetBuffers:
-    """Memory for data sets being received, reused from one C-STORE to the next: a data set
-    is received into it in place, with no allocation or copy per instance. Buffers grown
-    beyond ``keep_bytes`` (a large multiframe) are not kept."""
+    """The fixed-size buffers data sets are received into, reused from one C-STORE to the
+    next (no allocation per instance); at most ``keep`` are kept."""
 
-    INITIAL_BYTES = 1 << 20
-
-    def __init__(self, *, keep: int = 16, keep_bytes: int = 64 << 20) -> None:
+    def __init__(self, size: int, *, keep: int = 16) -> None:
+        self.size = size
         self._free: list[bytearray] = []
         self._keep = keep
-        self._keep_bytes = keep_bytes
 
     def take(self) -> bytearray:
         try:
             return self._free.pop()  # list.pop and list.append are atomic
         except IndexError:
-            return bytearray(self.INITIAL_BYTES)
+            return bytearray(self.size)
 
     def give(self, buffer: bytearray) -> None:
-        if len(buffer) <= self._keep_bytes and len(self._free) < self._keep:
+        if len(self._free) < self._keep:
             self._free.append(buffer)
 
 
 class SpoolSink:
-    """One C-STORE data set: into a buffer and a spool file while it arrives, then through
-    the Ingestor.
+    """One C-STORE data set, into its spool file while it arrives, then through the Ingestor.
 
-    The buffer holds the file as it will be stored (preamble, file meta, data set), so the
-    header is read from memory. A request that cannot be stored (invalid UIDs, a full spool)
-    still has its data set read to the end, into the same room over and over, then gets its
-    status.
+    The data set passes through one buffer of fixed size (``receive_buffer_kb``), written to
+    the spool file each time it fills: an association holds that much memory for it whatever
+    the object's size, and the Ingestor reads the header from the file. A request that
+    cannot be stored (invalid UIDs, a full spool) still has its data set read to the end,
+    into the same buffer over and over, then gets its status.
     """
 
     def __init__(
@@ -110,9 +103,8 @@ class SpoolSink:
         self._incoming: IncomingFile | None = None
         self._refusal: StoreResult | None = None
         self._buffer: bytearray | None = listener.buffers.take()
-        self._size = 0  # bytes of the file in the buffer
+        self._filled = 0  # bytes of the buffer not written yet
         self._pending = 0  # bytes the last buffer() gave room for
-        self._written = 0  # bytes of the buffer written to the spool file
         sop_class, sop_instance = command.affected_sop_class_uid, command.affected_sop_instance_uid
         if not (is_valid_uid(sop_class) and is_valid_uid(sop_instance)):
             self._refusal = listener.refuse(
@@ -123,6 +115,11 @@ class SpoolSink:
                 sop_instance_uid=sop_instance[:64],
             )
             return
+        try:
+            self._incoming = listener.ingestor.spool.open()
+        except OutOfResourcesError as exc:
+            self._out_of_resources(exc)
+            return
         meta = file_meta(
             sop_class_uid=sop_class,
             sop_instance_uid=sop_instance,
@@ -131,12 +128,8 @@ class SpoolSink:
             implementation_version_name=implementation_version_name(__version__),
             source_ae_title=requestor.calling_ae if requestor.calling_ae.isascii() else None,
         )
-        self.buffer(len(meta))[:] = meta
+        self.buffer(len(meta))[:] = meta  # written with the data set's first bytes
         self.received()
-        try:
-            self._incoming = listener.ingestor.spool.open()
-        except OutOfResourcesError as exc:
-            self._out_of_resources(exc)
 
     def _out_of_resources(self, exc: OutOfResourcesError) -> None:
         self._incoming = None
@@ -151,43 +144,38 @@ class SpoolSink:
     def buffer(self, size: int) -> memoryview:
         if self._buffer is None:
             raise ValueError("data set already finished or abandoned")
-        if self._refusal is not None:
-            self._size = self._written = 0  # nothing is kept: reuse the same room
-        end = self._size + size
-        if end > len(self._buffer):
-            grown = bytearray(max(end, 2 * len(self._buffer)))
-            grown[: self._size] = memoryview(self._buffer)[: self._size]
-            self._buffer = grown
-        self._pending = size
-        return memoryview(self._buffer)[self._size : end]
+        if self._filled == len(self._buffer):
+            self._flush()
+        end = min(self._filled + size, len(self._buffer))
+        self._pending = end - self._filled
+        return memoryview(self._buffer)[self._filled : end]
 
     def received(self) -> None:
-        self._size += self._pending
+        self._filled += self._pending
         self._pending = 0
-        if self._size - self._written >= WRITE_BYTES:
-            self._write()
 
-    def _write(self) -> None:
-        """What the buffer holds beyond the last write, into the spool file."""
-        if self._incoming is not None and self._buffer is not None:
+    def _flush(self) -> None:
+        """What the buffer holds, into the spool file (nothing is kept after a refusal)."""
+        if self._buffer is not None and self._filled:
+            self._write(memoryview(self._buffer)[: self._filled])
+        self._filled = 0
+
+    def _write(self, piece: bytes | memoryview) -> None:
+        if self._incoming is not None:
             try:
-                self._incoming.write(memoryview(self._buffer)[self._written : self._size])
+                self._incoming.write(piece)
             except OutOfResourcesError as exc:
                 self._out_of_resources(exc)
-        self._written = self._size
 
     def finish(self) -> StoreResult:
-        self._write()
+        self._flush()
         buffer, self._buffer = self._buffer, None
         if buffer is None:
             raise ValueError("data set already finished or abandoned")
-        try:
-            if self._refusal is not None:
-                return self._refusal
-            data = memoryview(buffer)[: self._size]
-            return self.listener.store(self.requestor, self.command, data, incoming=self._incoming)
-        finally:
-            self.listener.buffers.give(buffer)
+        self.listener.buffers.give(buffer)
+        if self._refusal is not None or self._incoming is None:
+            return self._refusal or StoreResult(status.PROCESSING_FAILURE)
+        return self.listener.store(self.requestor, self.command, incoming=self._incoming)
 
     def abandon(self) -> None:
         if self._incoming is not None:
@@ -216,7 +204,7 @@ class DicomListener:
         self.metrics = metrics
         self.on_association_end = on_association_end
         self.callers = CallerPolicy(settings.allowed_callers)
-        self.buffers = DataSetBuffers()
+        self.buffers = DataSetBuffers(settings.receive_buffer_kb * 1024)
         self._studies: dict[int, set[str]] = {}
         self._lock = threading.Lock()
         self._server: AcceptorServer | None = None
@@ -363,17 +351,15 @@ class DicomListener:
         self,
         requestor: Requestor,
         command: Command,
-        data: memoryview,
         *,
-        incoming: IncomingFile | None,
+        incoming: IncomingFile,
     ) -> StoreResult:
-        """Ingest one received instance (``data``, valid during the call, is also in
-        ``incoming``, uncommitted)."""
+        """Ingest one received instance, whole in ``incoming`` (uncommitted)."""
         requested = (command.affected_sop_class_uid, command.affected_sop_instance_uid)
         uids = {"sop_instance_uid": requested[1]}
         try:
             ingested = self.ingestor.ingest(
-                data,
+                None,
                 calling_ae=requestor.calling_ae,
                 source="dimse",
                 requested=requested,

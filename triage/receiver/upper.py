@@ -75,6 +75,10 @@ NEGOTIATIONS_KEPT = 32
 """Distinct association requests whose negotiation the listener remembers."""
 SKIP_TIMEOUT_SECONDS = 1.0
 """How long to wait for the rest of a P-DATA-TF we abort in the middle of."""
+MAX_COMMAND_BYTES = 64 << 10
+"""A command set longer than this is not a real one (a C-STORE-RQ's is about 200 bytes)."""
+SCRATCH_BYTES = 64 << 10
+"""Room for the PDUs and fragments nobody keeps (an A-ASSOCIATE-RQ may borrow more)."""
 UNLIMITED_PDU_BYTES = 64 << 20
 """The largest P-DATA-TF PDU taken when we announced no maximum (max_pdu_bytes = 0)."""
 
@@ -366,7 +370,7 @@ class Association:
         self.policy = server.policy
         announced = self.settings.max_pdu_bytes
         self._pdata_limit = announced + PDU_SLACK_BYTES if announced else UNLIMITED_PDU_BYTES
-        self._scratch = bytearray(64 * 1024)  # PDU bodies and fragments no sink takes
+        self._scratch = bytearray(SCRATCH_BYTES)  # PDU bodies and fragments no sink takes
         self._header = bytearray(_PDU_HEADER.size)
         self._pdv_header = bytearray(_PDV_HEADER.size)
         self._head = bytearray(_PDU_HEADER.size + _PDV_HEADER.size)
@@ -459,13 +463,18 @@ class Association:
         pdu_type, length = self._read_pdu_header(timeout)
         return pdu_type, self._read_scratch(length)
 
+    def _discard(self, length: int) -> None:
+        """Read ``length`` bytes nobody wants, a scratch buffer's worth at a time."""
+        while length:
+            length -= len(self._read_scratch(min(length, SCRATCH_BYTES)))
+
     def _skip_unread(self) -> None:
         """Read the rest of the current P-DATA-TF before aborting, so that closing the
         connection does not reset it (which can cost the peer our A-ABORT)."""
         with contextlib.suppress(_Abort, _Closed, OSError):
             self._set_timeout(SKIP_TIMEOUT_SECONDS)
-            while self._unread:
-                self._unread -= len(self._read_scratch(min(self._unread, len(self._scratch))))
+            self._discard(self._unread)
+            self._unread = 0
 
     def _send(self, data: bytes) -> None:
         try:
@@ -555,6 +564,8 @@ class Association:
             )
             self.policy.rejected(self.requestor, refusal)
             return False
+        if len(self._scratch) > SCRATCH_BYTES:  # a large request's room, given back
+            self._scratch = bytearray(SCRATCH_BYTES)
         self._contexts = negotiation.transfer_syntaxes
         self._abstract = negotiation.abstract_syntaxes
         self._peer_max_pdu = negotiation.peer_max_pdu
@@ -601,6 +612,8 @@ class Association:
                     if control & 0x01:  # command fragment
                         if command is not None:
                             raise _Abort("command fragment while a data set was expected")
+                        if len(command_bytes) + size > MAX_COMMAND_BYTES:
+                            raise _Abort(f"command set longer than {MAX_COMMAND_BYTES} bytes")
                         command_bytes += self._read_scratch(size)
                         self._unread -= size
                         if not last:
@@ -627,11 +640,15 @@ class Association:
                         if pdv_context != context_id:
                             raise _Abort("data set on another presentation context")
                         sink = self._sink
-                        if sink is not None:
-                            self._read_into(sink.buffer(size))
-                            sink.received()
+                        if sink is None:
+                            self._discard(size)
                         else:
-                            self._read_scratch(size)
+                            left = size
+                            while left:
+                                room = sink.buffer(left)
+                                self._read_into(room)
+                                sink.received()
+                                left -= len(room)
                         self._unread -= size
                         if not last:
                             continue

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import mmap
 import os
 import shutil
 import sys
@@ -26,7 +27,7 @@ from pathlib import Path
 import xxhash
 
 from triage.config import Settings
-from triage.errors import OutOfResourcesError
+from triage.errors import DicomInputError, OutOfResourcesError
 
 # The spool's hot path (a few file operations per received instance) names files with strings:
 # each pathlib operation costs microseconds of Python, with the GIL held.
@@ -235,6 +236,30 @@ class IncomingFile:
         except OSError as exc:
             self._writer.discard()
             raise self.spool._failed(exc) from exc
+
+    @contextlib.contextmanager
+    def mapped(self) -> Iterator[memoryview]:
+        """What is written so far, mapped read-only: the pages read are the page cache's,
+        not a copy (a header is read from a file of any size in a few pages)."""
+        try:
+            fd = os.open(self._writer.temporary, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise self.spool._failed(exc) from exc
+        except ValueError as exc:  # an empty file cannot be mapped
+            raise DicomInputError("no data received") from exc
+        view = memoryview(mapping)
+        try:
+            yield view
+        finally:
+            view.release()
+            # A view still held elsewhere (a traceback's frame) keeps the mapping until it
+            # is collected.
+            with contextlib.suppress(BufferError):
+                mapping.close()
 
     def commit(self) -> SpooledFile:
         try:
