@@ -215,6 +215,15 @@ class Settings(BaseSettings):
     max_pdu_bytes: Annotated[int, Field(ge=0)] = 131072
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
     dimse_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    # From TCP connect to a whole A-ASSOCIATE-RQ, TLS handshake included (PS3.8's ARTIM).
+    acse_timeout_seconds: Annotated[float, Field(gt=0)] = 15.0
+    # Once a PDU or a message has started, it must arrive at this rate on average (counted
+    # after the network or DIMSE timeout's worth of grace), or the association is aborted.
+    dicom_min_bytes_per_second: Annotated[int, Field(ge=0)] = 16_384
+    # Connections that have not yet associated, per caller address and in all; more are
+    # closed at once (they do not count against max_associations).
+    max_negotiating_per_address: Annotated[int, Field(ge=1)] = 8
+    max_negotiating: Annotated[int, Field(ge=1)] = 64
     # Memory each association receives a data set through, whatever the object's size: the
     # data set is written to the spool each time this fills.
     receive_buffer_kb: Annotated[int, Field(ge=16, le=65536)] = 256

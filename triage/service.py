@@ -119,6 +119,7 @@ class TriageService:
                 settings,
                 config_file=config_file,
                 on_association_end=self.watcher.association_ended,
+                on_refused=self.metrics.rejections.labels(reason="connection-refused").inc,
             )
         else:
             self.listener = DicomListener(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
@@ -117,6 +118,26 @@ class RawAssociation:
     def read(self) -> Reply:
         pdu_type, length = struct.unpack(">BxL", self._exactly(6))
         return Reply(pdu_type, self._exactly(length))
+
+    def until_closed(self, within: float) -> tuple[float, bytes]:
+        """Seconds until the peer ends the connection, and every byte it sent before that;
+        AssertionError when the connection is still open after ``within`` seconds."""
+        started = time.monotonic()
+        received = b""
+        while True:
+            left = within - (time.monotonic() - started)
+            if left <= 0:
+                raise AssertionError(f"connection still open after {within} s")
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(65536)
+            except ConnectionResetError:
+                chunk = b""
+            except TimeoutError:
+                continue
+            if not chunk:
+                return time.monotonic() - started, received
+            received += chunk
 
     def closed_by_peer(self) -> bool:
         try:

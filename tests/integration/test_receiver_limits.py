@@ -4,7 +4,10 @@ deadlines for slow senders, caps on connections that never associate."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,9 +15,20 @@ import httpx
 import pydicom
 
 from bench.multiframe import write_multiframe
-from tests.conftest import free_port
+from tests.conftest import StackFactory, free_port
+from tests.helpers.dul import (
+    A_ABORT,
+    A_ASSOCIATE_AC_TYPE,
+    P_DATA_TF,
+    RawAssociation,
+    association_request,
+    c_store_rq,
+    pdu,
+    pdv,
+)
 from tests.helpers.instances import dataset_bytes_of
 from tests.helpers.process import VENV_BIN, create_token, port_open, running
+from triage.config import Settings
 
 MIB = 1 << 20
 
@@ -119,3 +133,152 @@ def test_a_large_object_is_received_in_bounded_memory(tmp_path: Path, data_dir: 
     assert stow < 32 * MIB, f"peak resident memory grew by {stow / MIB:.0f} MiB with STOW-RS"
     held = stored_file(data_dir, sop_instance_uid)
     assert dataset_bytes_of(held) == dataset_bytes_of(big)
+
+
+# -- deadlines and caps, driven byte by byte (an in-process listener) -------------------------
+
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def _listener(stack_factory: StackFactory, settings: Settings, **update: object) -> int:
+    stack = stack_factory(settings.model_copy(update={"allowed_callers": [], **update}))
+    return stack.listener().port
+
+
+def _trickle(peer: RawAssociation, data: bytes, every: float) -> threading.Thread:
+    """Send ``data`` a byte at a time, ``every`` seconds apart, until done or cut off."""
+
+    def run() -> None:
+        for index in range(len(data)):
+            try:
+                peer.send(data[index : index + 1])
+            except OSError:
+                return
+            time.sleep(every)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def _a_abort(received: bytes) -> bool:
+    return received[:1] == bytes([A_ABORT])
+
+
+def test_idle_connections_do_not_hold_association_slots(
+    settings: Settings, stack_factory: StackFactory
+) -> None:
+    """Connections that never send an A-ASSOCIATE-RQ are not associations: with
+    max_associations = 2, four of them leave room for two real ones (a third is rejected)."""
+    port = _listener(stack_factory, settings, max_associations=2, acse_timeout_seconds=30)
+    idle = [RawAssociation(port) for _ in range(4)]
+    real = [RawAssociation(port) for _ in range(3)]
+    assert real[0].associate([CT_IMAGE_STORAGE]).pdu_type == A_ASSOCIATE_AC_TYPE
+    assert real[1].associate([CT_IMAGE_STORAGE]).pdu_type == A_ASSOCIATE_AC_TYPE
+    assert RawAssociation.rejection(real[2].associate([CT_IMAGE_STORAGE])) == (2, 3, 2)
+    for peer in idle + real:
+        peer.close()
+
+
+def test_a_connection_that_never_asks_is_closed_at_the_artim_deadline(
+    settings: Settings, stack_factory: StackFactory
+) -> None:
+    """PS3.8: ARTIM expiry before an A-ASSOCIATE-RQ closes the transport connection (no
+    A-ABORT); the network timeout (30 s here) is not what ends it."""
+    port = _listener(stack_factory, settings, acse_timeout_seconds=1, network_timeout_seconds=30)
+    peer = RawAssociation(port)
+    seconds, received = peer.until_closed(within=5)
+    assert 0.8 <= seconds < 3
+    assert received == b""
+
+
+def test_a_request_trickled_byte_by_byte_is_cut_at_the_artim_deadline(
+    settings: Settings, stack_factory: StackFactory
+) -> None:
+    port = _listener(stack_factory, settings, acse_timeout_seconds=1.5, network_timeout_seconds=30)
+    peer = RawAssociation(port)
+    _trickle(peer, association_request([CT_IMAGE_STORAGE]), every=0.2)
+    seconds, received = peer.until_closed(within=6)
+    assert 1.3 <= seconds < 4
+    assert received == b""
+
+
+def test_a_pdu_trickled_after_association_is_aborted_at_its_deadline(
+    settings: Settings, stack_factory: StackFactory
+) -> None:
+    """Each byte comes well inside the network timeout (1 s), but the PDU is not whole within
+    the timeout plus its length at dicom_min_bytes_per_second: A-ABORT."""
+    port = _listener(stack_factory, settings, network_timeout_seconds=1, dimse_timeout_seconds=1)
+    peer = RawAssociation(port)
+    assert peer.associate([CT_IMAGE_STORAGE]).pdu_type == A_ASSOCIATE_AC_TYPE
+    whole = pdu(P_DATA_TF, pdv(1, 0x01, bytes(2000)))  # a command fragment
+    peer.send(whole[:12])
+    _trickle(peer, whole[12:], every=0.2)
+    seconds, received = peer.until_closed(within=8)
+    assert seconds < 4
+    assert _a_abort(received)
+
+
+def test_a_message_trickled_in_whole_tiny_pdus_is_aborted_at_its_deadline(
+    settings: Settings, stack_factory: StackFactory
+) -> None:
+    """Every PDU is whole and quick; the message they make is not whole within the DIMSE
+    timeout plus its length at the minimum rate: A-ABORT."""
+    port = _listener(stack_factory, settings, network_timeout_seconds=1, dimse_timeout_seconds=1)
+    peer = RawAssociation(port)
+    assert peer.associate([CT_IMAGE_STORAGE]).pdu_type == A_ASSOCIATE_AC_TYPE
+    command = c_store_rq(1, CT_IMAGE_STORAGE, "1.2.3.4")
+
+    def send_slowly() -> None:
+        for index in range(len(command) - 1):
+            try:
+                peer.send(pdu(P_DATA_TF, pdv(1, 0x01, command[index : index + 1])))
+            except OSError:
+                return
+            time.sleep(0.2)
+
+    threading.Thread(target=send_slowly, daemon=True).start()
+    seconds, received = peer.until_closed(within=8)
+    assert seconds < 4
+    assert _a_abort(received)
+
+
+def test_a_command_set_past_the_cap_is_aborted(
+    settings: Settings, stack_factory: StackFactory
+) -> None:
+    """No command set is 64 KiB long: command fragments past that are not buffered on."""
+    port = _listener(stack_factory, settings)
+    peer = RawAssociation(port)
+    assert peer.associate([CT_IMAGE_STORAGE]).pdu_type == A_ASSOCIATE_AC_TYPE
+    with contextlib.suppress(OSError):
+        for _ in range(5):  # 80 KiB of command fragments, none the last
+            peer.send(pdu(P_DATA_TF, pdv(1, 0x01, bytes(16 * 1024))))
+    _seconds, received = peer.until_closed(within=5)
+    assert _a_abort(received)
+
+
+def test_connections_still_negotiating_are_capped_per_address(
+    settings: Settings, stack_factory: StackFactory
+) -> None:
+    """Two connections from 127.0.0.1 that have not associated: a third is closed unread and
+    counted; once one associates, there is room again."""
+    stack = stack_factory(
+        settings.model_copy(update={"allowed_callers": [], "max_negotiating_per_address": 2})
+    )
+    port = stack.listener().port
+    first, second = RawAssociation(port), RawAssociation(port)
+    time.sleep(0.2)  # both accepted before the third
+    third = RawAssociation(port)
+    seconds, received = third.until_closed(within=3)
+    assert seconds < 1
+    assert received == b""
+    refused = stack.registry.get_sample_value(
+        "triage_rejections_total", {"reason": "connection-refused"}
+    )
+    assert refused == 1
+    assert first.associate([CT_IMAGE_STORAGE]).pdu_type == A_ASSOCIATE_AC_TYPE
+    fourth = RawAssociation(port)
+    assert fourth.associate([CT_IMAGE_STORAGE]).pdu_type == A_ASSOCIATE_AC_TYPE
+    for peer in (first, second, fourth):
+        peer.close()

@@ -180,26 +180,26 @@ def test_associations_spread_over_processes_and_release_completes_the_study(
 
 
 def test_association_limit_counts_every_process(tmp_path: Path, data_dir: Path) -> None:
-    with serve(tmp_path, data_dir, max_associations="1") as (_pid, port, _http):
-        # serve() waited for the port with a bare TCP connection, which counts against the
-        # limit until its receiver process reports it closed: a few milliseconds, longer on a
-        # busy machine, during which an association is rejected (transient, as the limit is).
-        held: list[Association] = []
-
-        def first_established() -> bool:
-            assoc = associate(port)
-            if assoc.is_established:
-                held.append(assoc)
-            return bool(held)
-
-        wait_for(first_established, timeout=10, what="the probe connection to be counted out")
-        first = held[0]
-        second = RawAssociation(port)  # goes to the other, idle receiver process
+    """max_associations spans the receiver processes and counts associations only: idle
+    connections hold no slot, and a receiver process that dies gives its slots back."""
+    with serve(tmp_path, data_dir, max_associations="1") as (pid, port, _http):
+        idle = [RawAssociation(port) for _ in range(3)]  # never associate
+        first = associate(port)
+        assert first.is_established
+        second = RawAssociation(port)  # goes to the other receiver process
         reply = second.associate([CT_IMAGE_STORAGE])
         assert RawAssociation.rejection(reply) == (0x02, 0x03, 0x02)  # transient, local limit
         second.close()
-        first.release()
-        wait_for(lambda: associate_and_release(port), timeout=10, what="a free association")
+        for peer in idle:
+            peer.close()
+
+        def holder() -> list[int]:
+            return [child for child in children(pid) if connections_on(child, port) >= 1]
+
+        wait_for(lambda: len(holder()) == 1, timeout=10, what="one process left holding one")
+        # The process holding the association dies: its slot is free once it is gone.
+        os.kill(holder()[0], signal.SIGKILL)
+        wait_for(lambda: associate_and_release(port), timeout=20, what="a free association")
     log = (tmp_path / "serve.log").read_text()
     assert "too many associations" in log
 

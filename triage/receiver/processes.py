@@ -20,16 +20,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import logging
+import mmap
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -37,7 +40,7 @@ from typing import Any
 
 from triage.config import Settings
 from triage.metrics import process_ended
-from triage.receiver.upper import accept_connections, stop_listening
+from triage.receiver.upper import ConnectionGate, accept_connections, stop_listening
 
 log = logging.getLogger("triage.receiver.processes")  # also when run as __main__
 
@@ -53,8 +56,63 @@ STABLE_SECONDS = 10.0
 """A receiver process that ran this long before it died is restarted after the first wait."""
 
 
+MAX_PROCESSES = 64
+_SLOTS = struct.Struct(f"={MAX_PROCESSES}L")
+
+
 def _encode(message: dict[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode()
+
+
+class SharedSlots:
+    """The association count of every receiver process, in a file each maps: one counter per
+    process, changed only under an exclusive lock on the file, so that taking a slot (check
+    the sum, add one) is atomic across processes. The counter of a process that died is set
+    back to zero, by ``triage serve`` and by the process started in its place."""
+
+    def __init__(self, path: Path, index: int) -> None:
+        self.index = index
+        self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        self._map = mmap.mmap(self._fd, _SLOTS.size)
+        self._lock = threading.Lock()  # flock is per open file: threads queue here first
+
+    @staticmethod
+    def create(path: Path) -> None:
+        """A new file, every counter zero."""
+        path.write_bytes(bytes(_SLOTS.size))
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[list[int]]:
+        with self._lock:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                counts = list(_SLOTS.unpack_from(self._map))
+                before = list(counts)
+                yield counts
+                if counts != before:
+                    _SLOTS.pack_into(self._map, 0, *counts)
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def take(self, limit: int) -> bool:
+        with self._locked() as counts:
+            if sum(counts) >= limit:
+                return False
+            counts[self.index] += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._locked() as counts:
+            counts[self.index] = max(0, counts[self.index] - 1)
+
+    def clear(self, index: int | None = None) -> None:
+        """Zero the counter of process ``index`` (default: this one's)."""
+        with self._locked() as counts:
+            counts[self.index if index is None else index] = 0
+
+    def close(self) -> None:
+        self._map.close()
+        os.close(self._fd)
 
 
 @dataclass
@@ -64,6 +122,7 @@ class _Child:
     control: socket.socket
     started: float = field(default_factory=time.monotonic)
     open: set[int] = field(default_factory=set)  # connections handed over, not closed yet
+    negotiating: dict[int, str] = field(default_factory=dict)  # connection -> caller address
     alive: bool = True
     ready: threading.Event = field(default_factory=threading.Event)
     reader: threading.Thread | None = None
@@ -78,10 +137,16 @@ class ReceiverPool:
         *,
         config_file: Path | None,
         on_association_end: Callable[[set[str]], None],
+        on_refused: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.config_file = config_file
         self.on_association_end = on_association_end
+        self.on_refused = on_refused
+        self._gate = ConnectionGate(  # triage serve gates every connection before hand-over
+            per_address=settings.max_negotiating_per_address, total=settings.max_negotiating
+        )
+        self._slots_file = slots_file(settings)
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._children: list[_Child] = []
@@ -102,6 +167,7 @@ class ReceiverPool:
         Raises RuntimeError when one of them exits or does not start within READY_SECONDS.
         """
         settings = self.settings
+        SharedSlots.create(self._slots_file)
         self._children = [self._spawn(index) for index in range(settings.dicom_processes)]
         deadline = time.monotonic() + READY_SECONDS
         for child in self._children:
@@ -164,6 +230,9 @@ class ReceiverPool:
                 if kind == "closed":
                     with self._lock:
                         child.open.discard(message["id"])
+                    self._negotiated(child, message["id"])
+                elif kind == "negotiated":
+                    self._negotiated(child, message["id"])
                 elif kind == "ready":
                     child.ready.set()
                 elif kind == "released":
@@ -173,6 +242,19 @@ class ReceiverPool:
         with self._lock:
             child.alive = False
             child.open.clear()  # its connections ended with it
+        for connection in list(child.negotiating):
+            self._negotiated(child, connection)
+        slots = SharedSlots(self._slots_file, child.index)
+        try:
+            slots.clear()  # its associations ended with it
+        finally:
+            slots.close()
+
+    def _negotiated(self, child: _Child, connection: int) -> None:
+        with self._lock:
+            address = child.negotiating.pop(connection, None)
+        if address is not None:
+            self._gate.done(address)
 
     def _supervise(self) -> None:
         failures = 0
@@ -214,29 +296,33 @@ class ReceiverPool:
             self._hand_over(sock, address)
 
     def _hand_over(self, sock: socket.socket, address: tuple[str, int]) -> None:
+        if self._gate.admit(address[0]) is not None:
+            if self.on_refused is not None:
+                self.on_refused()
+            return
         with self._lock:
             running = [child for child in self._children if child.alive]
             if not running:
                 child = None
             else:
                 child = min(running, key=lambda c: len(c.open))
-                others = sum(len(c.open) for c in self._children)
                 self._next_id += 1
                 connection = self._next_id
                 child.open.add(connection)
+                child.negotiating[connection] = address[0]
         if child is None:
+            self._gate.done(address[0])
             log.error(
                 "no receiver process running: connection closed", extra={"address": address[0]}
             )
             return
-        message = _encode(
-            {"t": "conn", "id": connection, "address": list(address), "others": others}
-        )
+        message = _encode({"t": "conn", "id": connection, "address": list(address)})
         try:
             socket.send_fds(child.control, [message], [sock.fileno()])
         except OSError as exc:
             with self._lock:
                 child.open.discard(connection)
+            self._negotiated(child, connection)
             log.error(
                 "could not hand a connection to a receiver process: %s",
                 type(exc).__name__,
@@ -269,6 +355,10 @@ class ReceiverPool:
             child.control.close()
             if child.reader is not None:
                 child.reader.join(timeout)
+
+
+def slots_file(settings: Settings) -> Path:
+    return settings.data_dir / "associations.slots"
 
 
 def child_main(argv: Sequence[str] | None = None) -> int:
@@ -326,7 +416,9 @@ def child_main(argv: Sequence[str] | None = None) -> int:
         metrics=metrics,
         on_association_end=lambda studies: send({"t": "released", "studies": sorted(studies)}),
     )
-    listener.start(listen=False)
+    slots = SharedSlots(slots_file(settings), args.index)
+    slots.clear()  # what a receiver process before this one held when it died
+    listener.start(listen=False, slots=slots)
     send({"t": "ready"})
     log.info("receiver process serving", extra={"receiver": args.index})
     try:
@@ -344,11 +436,12 @@ def child_main(argv: Sequence[str] | None = None) -> int:
             listener.adopt(
                 socket.socket(fileno=fds[0]),
                 (str(host), int(port)),
-                others_active=int(message["others"]),
+                on_negotiated=lambda c=connection: send({"t": "negotiated", "id": c}),  # type: ignore[misc]
                 on_closed=lambda c=connection: send({"t": "closed", "id": c}),  # type: ignore[misc]
             )
     finally:
         listener.stop()
+        slots.close()
         ingestor.close()
         ingestor.engine.dispose()
         session_engine.dispose()

@@ -30,10 +30,11 @@ from triage.receiver.policy import CallerPolicy
 from triage.receiver.upper import (
     CALLED_AE_NOT_RECOGNISED,
     CALLING_AE_NOT_RECOGNISED,
-    LOCAL_LIMIT_EXCEEDED,
     NO_REASON_GIVEN,
     AcceptorServer,
     AcceptorSettings,
+    AssociationSlots,
+    ConnectionGate,
     Rejection,
     Requestor,
     StoreResult,
@@ -216,9 +217,10 @@ class DicomListener:
             lambda: self._server.active_count() if self._server is not None else 0
         )
 
-    def start(self, *, listen: bool = True) -> None:
+    def start(self, *, listen: bool = True, slots: AssociationSlots | None = None) -> None:
         """Listen on the DICOM port; or, with ``listen=False``, serve only the connections
-        handed over with ``adopt`` (a receiver process behind ``triage serve``)."""
+        handed over with ``adopt`` (a receiver process behind ``triage serve``, which gates
+        them, with ``slots`` shared with the other receiver processes)."""
         settings = self.settings
         tls = server_tls_context(settings.tls) if settings.tls else None
         self._server = AcceptorServer(
@@ -230,10 +232,19 @@ class DicomListener:
                 implementation_class_uid=IMPLEMENTATION_CLASS_UID,
                 implementation_version_name=implementation_version_name(__version__),
                 identities_checked=bool(settings.user_identities),
+                max_associations=settings.max_associations,
+                acse_timeout=settings.acse_timeout_seconds,
+                min_bytes_per_second=settings.dicom_min_bytes_per_second,
             ),
             policy=self,
             contexts=self._contexts,
             tls=tls,
+            gate=ConnectionGate(
+                per_address=settings.max_negotiating_per_address, total=settings.max_negotiating
+            )
+            if listen
+            else None,
+            slots=slots,
         )
         self.ingestor.spool.keep_ready(SPARE_FILES)
         self._server.start()
@@ -248,13 +259,13 @@ class DicomListener:
         sock: socket.socket,
         address: tuple[str, int],
         *,
-        others_active: int,
+        on_negotiated: Callable[[], None],
         on_closed: Callable[[], None],
     ) -> None:
         """Serve a connection accepted by another process (see ``triage.receiver.processes``)."""
         if self._server is None:
             raise ValueError("listener not started")
-        self._server.adopt(sock, address, others_active=others_active, on_closed=on_closed)
+        self._server.adopt(sock, address, on_negotiated=on_negotiated, on_closed=on_closed)
 
     @property
     def port(self) -> int:
@@ -271,7 +282,7 @@ class DicomListener:
 
     # -- the AcceptorPolicy -----------------------------------------------------------------
 
-    def check(self, requestor: Requestor, active: int) -> Rejection | None:
+    def check(self, requestor: Requestor) -> Rejection | None:
         if requestor.called_ae != self.settings.ae_title:
             return rejection(CALLED_AE_NOT_RECOGNISED, "called AE title is not ours")
         if not self.callers.open and requestor.calling_ae not in self.callers.titles_for(
@@ -280,8 +291,6 @@ class DicomListener:
             return rejection(CALLING_AE_NOT_RECOGNISED, "calling AE title not allowed")
         if not self._identity_accepted(requestor):
             return rejection(NO_REASON_GIVEN, "user identity not accepted")
-        if active >= self.settings.max_associations:
-            return rejection(LOCAL_LIMIT_EXCEEDED, "too many associations")
         return None
 
     def _identity_accepted(self, requestor: Requestor) -> bool:
@@ -312,6 +321,11 @@ class DicomListener:
 
     def aborted(self, requestor: Requestor, why: str) -> None:
         self._count_and_record(requestor, "association-aborted", why=why[:200])
+
+    def connection_refused(self, address: str, why: str) -> None:
+        # Counted, not recorded one by one: a flood of connections must not become one of
+        # database writes (the gate logs it, a line per few seconds).
+        self.metrics.rejections.labels(reason="connection-refused").inc()
 
     def open_store(self, requestor: Requestor, command: Command, transfer_syntax: str) -> SpoolSink:
         return SpoolSink(self, requestor, command, transfer_syntax)

@@ -74,7 +74,7 @@ PDU_SLACK_BYTES = 1024
 NEGOTIATIONS_KEPT = 32
 """Distinct association requests whose negotiation the listener remembers."""
 SKIP_TIMEOUT_SECONDS = 1.0
-"""How long to wait for the rest of a P-DATA-TF we abort in the middle of."""
+"""How long to read on for the rest of a P-DATA-TF we abort in the middle of."""
 MAX_COMMAND_BYTES = 64 << 10
 """A command set longer than this is not a real one (a C-STORE-RQ's is about 200 bytes)."""
 SCRATCH_BYTES = 64 << 10
@@ -166,8 +166,9 @@ class DataSink(Protocol):
 class AcceptorPolicy(Protocol):
     """What the listener decides; the protocol is this module's."""
 
-    def check(self, requestor: Requestor, active: int) -> Rejection | None:
-        """Whether to accept the association (``active`` counts the others)."""
+    def check(self, requestor: Requestor) -> Rejection | None:
+        """Whether to accept the association (its AE titles and identity; the association
+        limit is the server's)."""
         ...
 
     def rejected(self, requestor: Requestor, refusal: Rejection) -> None: ...
@@ -182,6 +183,88 @@ class AcceptorPolicy(Protocol):
         """We aborted the association because the peer broke the protocol or went silent."""
         ...
 
+    def connection_refused(self, address: str, why: str) -> None:
+        """A connection was closed unread: too many from its address or in all are negotiating."""
+        ...
+
+
+class AssociationSlots(Protocol):
+    """The count of established associations against ``max_associations`` (shared by every
+    receiver process where there are several)."""
+
+    def take(self, limit: int) -> bool:
+        """One more association, if fewer than ``limit`` are established."""
+        ...
+
+    def give_back(self) -> None: ...
+
+
+class LocalSlots:
+    """``AssociationSlots`` of one process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._taken = 0
+
+    def take(self, limit: int) -> bool:
+        with self._lock:
+            if self._taken >= limit:
+                return False
+            self._taken += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self._taken = max(0, self._taken - 1)
+
+
+class ConnectionGate:
+    """Connections that have not associated yet: at most ``per_address`` from one address and
+    ``total`` in all, so that idle or slow connections cannot crowd out real senders."""
+
+    LOG_EVERY_SECONDS = 10.0
+
+    def __init__(self, *, per_address: int, total: int) -> None:
+        self.per_address = per_address
+        self.total = total
+        self._lock = threading.Lock()
+        self._open: dict[str, int] = {}
+        self._count = 0
+        self._refused = 0  # since the last log line
+        self._logged_at = 0.0
+
+    def admit(self, address: str) -> str | None:
+        """None when the connection may negotiate (``done`` must follow); else why not."""
+        with self._lock:
+            if self._count >= self.total:
+                why = f"{self.total} connections negotiating"
+            elif self._open.get(address, 0) >= self.per_address:
+                why = f"{self.per_address} connections from this address negotiating"
+            else:
+                self._open[address] = self._open.get(address, 0) + 1
+                self._count += 1
+                return None
+            self._refused += 1
+            now = time.monotonic()
+            if now - self._logged_at >= self.LOG_EVERY_SECONDS:  # a flood makes one line
+                log.warning(
+                    "connection closed unread: %s",
+                    why,
+                    extra={"address": address, "refused": self._refused},
+                )
+                self._refused, self._logged_at = 0, now
+            return why
+
+    def done(self, address: str) -> None:
+        """The connection associated, was rejected, or ended."""
+        with self._lock:
+            left = self._open.get(address, 0) - 1
+            if left > 0:
+                self._open[address] = left
+            else:
+                self._open.pop(address, None)
+            self._count = max(0, self._count - 1)
+
 
 class _Abort(Exception):
     """The peer broke the protocol: send an A-P-ABORT with ``reason`` and close."""
@@ -193,6 +276,10 @@ class _Abort(Exception):
 
 class _Closed(Exception):
     """The connection ended (closed by the peer, reset, timed out, or told to stop)."""
+
+
+class _Expired(Exception):
+    """No whole A-ASSOCIATE-RQ within the ARTIM timeout: close the connection (PS3.8 AA-2)."""
 
 
 def supported_contexts(
@@ -224,6 +311,12 @@ class AcceptorSettings:
     dimse_timeout: float
     implementation_class_uid: str
     implementation_version_name: str
+    max_associations: int = 16
+    acse_timeout: float = 15.0
+    """From accepting the connection to a whole A-ASSOCIATE-RQ (PS3.8's ARTIM timer)."""
+    min_bytes_per_second: int = 0
+    """Once started, a PDU must arrive whole within the network timeout plus its length at
+    this rate, and a message within the DIMSE timeout plus its length so far (0: no limit)."""
     identities_checked: bool = False
     """User identities are checked (a positive response is sent when one is requested)."""
 
@@ -358,14 +451,12 @@ class Association:
         requestor: Requestor,
         *,
         server: AcceptorServer,
-        others_active: int | None = None,
+        on_negotiated: Callable[[], None] | None = None,
     ) -> None:
         self.sock = sock
         self.requestor = requestor
         self.server = server
-        # Associations open elsewhere when this one began (another process counted them);
-        # None: the server's own count.
-        self._others_active = others_active
+        self._on_negotiated = on_negotiated  # called once, when negotiation is over
         self.settings = server.settings
         self.policy = server.policy
         announced = self.settings.max_pdu_bytes
@@ -386,20 +477,36 @@ class Association:
         self._abstract: Mapping[int, str] = {}  # accepted context id -> abstract syntax
         self._peer_max_pdu = 0
         self._established = False
+        self._slot = False  # one of the server's association slots is ours
         self._sink: DataSink | None = None  # the C-STORE data set being received
+        # Every receive is checked against a deadline: the ARTIM timer until the request is
+        # whole (each wait no longer than what is left of it), then one per PDU and message.
+        self._deadline = requestor.started + self.settings.acse_timeout
+        self._negotiating = True
+        self._late = "no whole A-ASSOCIATE-RQ in time"
 
     # -- transport ---------------------------------------------------------------------------
 
     def _recv_into(self, view: memoryview) -> int:
+        if self._negotiating:
+            self._set_timeout(max(0.001, self._deadline - time.monotonic()))
         try:
             count = self.sock.recv_into(view)
         except (TimeoutError, BlockingIOError) as exc:  # BlockingIOError: SO_RCVTIMEO
+            self._check_deadline()
             raise _Abort("nothing received within the timeout", REASON_NOT_SPECIFIED) from exc
         except OSError as exc:
             raise _Closed(type(exc).__name__) from exc
         if count == 0:
             raise _Closed("connection closed by the peer")
+        self._check_deadline()
         return count
+
+    def _check_deadline(self) -> None:
+        if time.monotonic() > self._deadline:
+            if self._negotiating:
+                raise _Expired(f"{self._late} ({self.settings.acse_timeout:g} s)")
+            raise _Abort(self._late, REASON_NOT_SPECIFIED)
 
     def _read_into(self, view: memoryview) -> None:
         if self._ahead:  # bytes an earlier read took early
@@ -471,7 +578,8 @@ class Association:
     def _skip_unread(self) -> None:
         """Read the rest of the current P-DATA-TF before aborting, so that closing the
         connection does not reset it (which can cost the peer our A-ABORT)."""
-        with contextlib.suppress(_Abort, _Closed, OSError):
+        self._deadline = time.monotonic() + SKIP_TIMEOUT_SECONDS  # in all: it may trickle
+        with contextlib.suppress(_Abort, _Closed, _Expired, OSError):
             self._set_timeout(SKIP_TIMEOUT_SECONDS)
             self._discard(self._unread)
             self._unread = 0
@@ -505,6 +613,9 @@ class Association:
             )
             self._send_abort(0x02, exc.reason)
             self.policy.aborted(self.requestor, str(exc))
+        except _Expired as exc:
+            log.warning("connection closed: %s", exc, extra={"address": self.requestor.address})
+            self.policy.aborted(self.requestor, str(exc))
         except _Closed as exc:
             if self._established:
                 log.info(
@@ -527,14 +638,27 @@ class Association:
                 self._sink = None
             with contextlib.suppress(OSError):
                 self.sock.close()
+            self._negotiation_over()
+            if self._slot:
+                self.server.give_slot()
             if self._established:
                 self.policy.ended(self.requestor, released=released)
 
+    def _negotiation_over(self) -> None:
+        if self._negotiating:
+            self._negotiating = False
+            self._deadline = float("inf")
+            self.server.negotiation_over(self.requestor)
+            if self._on_negotiated is not None:
+                self._on_negotiated()
+
     def _handshake(self) -> None:
         assert self.server.tls is not None
-        self.sock.settimeout(self.settings.network_timeout)
+        self.sock.settimeout(max(0.001, self._deadline - time.monotonic()))
         try:
             self.sock = self.server.tls.wrap_socket(self.sock, server_side=True)
+        except TimeoutError as exc:
+            raise _Expired("TLS handshake not done in time") from exc
         except (ssl.SSLError, OSError) as exc:
             log.warning(
                 "TLS handshake failed: %s",
@@ -552,10 +676,12 @@ class Association:
         self.requestor.calling_ae = negotiation.calling_ae
         self.requestor.called_ae = negotiation.called_ae
         self.requestor.identity = negotiation.identity
-        others = self._others_active
-        if others is None:
-            others = self.server.active_count() - 1
-        refusal = negotiation.refusal or self.policy.check(self.requestor, others)
+        refusal = negotiation.refusal or self.policy.check(self.requestor)
+        if refusal is None:
+            self._slot = self.server.take_slot()
+            if not self._slot:
+                refusal = rejection(LOCAL_LIMIT_EXCEEDED, "too many associations")
+        self._negotiation_over()
         if refusal is not None:
             self._send(
                 _pdu(
@@ -590,11 +716,31 @@ class Association:
         command: Command | None = None
         context_id = 0
         settings = self.settings
+        rate = settings.min_bytes_per_second
+        message_started = 0.0  # when the first PDU of the message in progress began
+        message_bytes = 0  # its PDUs' lengths so far
         while True:
             in_message = bool(command_bytes) or command is not None
+            if rate and in_message:
+                self._deadline = message_started + settings.dimse_timeout + message_bytes / rate
+                self._late = "message not whole within its deadline"
+            else:
+                self._deadline = float("inf")
             pdu_type, length = self._read_pdu_header(
                 settings.dimse_timeout if in_message else settings.network_timeout
             )
+            if rate:
+                now = time.monotonic()
+                self._deadline = now + settings.network_timeout + length / rate
+                self._late = "PDU not whole within its deadline"
+                if pdu_type == P_DATA_TF_TYPE:
+                    if not in_message:
+                        message_started, message_bytes = now, 0
+                    message_bytes += length
+                    whole = message_started + settings.dimse_timeout + message_bytes / rate
+                    if whole < self._deadline:
+                        self._deadline = whole
+                        self._late = "message not whole within its deadline"
             if pdu_type == P_DATA_TF_TYPE:
                 self._unread = length
                 while self._unread:
@@ -766,11 +912,18 @@ class AcceptorServer:
         policy: AcceptorPolicy,
         contexts: list[PresentationContext],
         tls: ssl.SSLContext | None = None,
+        gate: ConnectionGate | None = None,
+        slots: AssociationSlots | None = None,
     ) -> None:
         self.settings = settings
         self.policy = policy
         self.contexts = contexts
         self.tls = tls
+        # Where another process accepts the connections, it gates them, and the slots are
+        # shared with the other receiver processes.
+        self.gate = gate
+        self.slots: AssociationSlots = slots if slots is not None else LocalSlots()
+        self._associated = 0  # established associations of this server
         self._socket = socket.create_server(address, backlog=64) if address is not None else None
         self._lock = threading.Lock()
         self._active: dict[int, tuple[threading.Thread, socket.socket]] = {}
@@ -786,8 +939,25 @@ class AcceptorServer:
         return int(self._socket.getsockname()[1])
 
     def active_count(self) -> int:
+        """Established associations (connections still negotiating are not counted)."""
+        return self._associated
+
+    def take_slot(self) -> bool:
+        """One of the ``max_associations`` slots, for an association about to be accepted."""
+        if not self.slots.take(self.settings.max_associations):
+            return False
         with self._lock:
-            return len(self._active)
+            self._associated += 1
+        return True
+
+    def give_slot(self) -> None:
+        with self._lock:
+            self._associated -= 1
+        self.slots.give_back()
+
+    def negotiation_over(self, requestor: Requestor) -> None:
+        if self.gate is not None:
+            self.gate.done(requestor.address)
 
     def negotiation(self, request: bytes) -> Negotiation:
         """``negotiate(request)``, remembered for the last NEGOTIATIONS_KEPT requests.
@@ -821,16 +991,26 @@ class AcceptorServer:
         sock: socket.socket,
         address: tuple[str, int],
         *,
-        others_active: int | None = None,
+        on_negotiated: Callable[[], None] | None = None,
         on_closed: Callable[[], None] | None = None,
     ) -> None:
-        """Run an accepted connection as an association, in a thread of its own.
+        """Run an accepted connection as an association, in a thread of its own, or close it
+        at once when the gate says too many are negotiating.
 
-        ``others_active`` counts the associations open elsewhere for the limit (default: this
-        server's); ``on_closed`` is called when the connection is done with.
+        ``on_negotiated`` is called when it associated, was rejected or ended before;
+        ``on_closed`` when the connection is done with.
         """
+        if self.gate is not None:
+            why = self.gate.admit(address[0])
+            if why is not None:
+                with contextlib.suppress(OSError):
+                    sock.close()
+                self.policy.connection_refused(address[0], why)
+                if on_closed is not None:
+                    on_closed()
+                return
         requestor = Requestor(address=address[0], port=address[1])
-        association = Association(sock, requestor, server=self, others_active=others_active)
+        association = Association(sock, requestor, server=self, on_negotiated=on_negotiated)
         thread = threading.Thread(
             target=self._run,
             args=(association, on_closed),
