@@ -5,6 +5,8 @@ deadlines for slow senders, caps on connections that never associate."""
 from __future__ import annotations
 
 import contextlib
+import logging
+import struct
 import subprocess
 import threading
 import time
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pydicom
+import pytest
 
 from bench.multiframe import write_multiframe
 from tests.conftest import StackFactory, free_port
@@ -282,3 +285,72 @@ def test_connections_still_negotiating_are_capped_per_address(
     assert fourth.associate([CT_IMAGE_STORAGE]).pdu_type == A_ASSOCIATE_AC_TYPE
     for peer in (first, second, fourth):
         peer.close()
+
+
+# -- negotiation: cheap and quiet whatever is proposed ------------------------------------------
+
+
+def _raw_request(contexts: int, syntaxes: int, *, called: str = "TRIAGE") -> bytes:
+    """An A-ASSOCIATE-RQ built byte by byte (PS3.8 9.3.2): ``contexts`` CT contexts, each with
+    ``syntaxes`` transfer syntax UIDs that are not valid UIDs, then Explicit VR Little Endian."""
+
+    def item(kind: int, value: bytes) -> bytes:
+        return struct.pack(">BxH", kind, len(value)) + value
+
+    body = b"".join(
+        item(
+            0x20,
+            bytes([(2 * index + 1) % 256, 0, 0, 0])
+            + item(0x30, CT_IMAGE_STORAGE.encode())
+            + b"".join(item(0x40, f"9.9.{n}.x".encode()) for n in range(syntaxes))
+            + item(0x40, b"1.2.840.10008.1.2.1"),
+        )
+        for index in range(contexts)
+    )
+    fixed = struct.pack(">HH16s16s32x", 1, 0, called.ljust(16).encode(), b"HOSTILE".ljust(16))
+    items = item(0x10, b"1.2.840.10008.3.1.1.1") + body + item(0x50, item(0x51, bytes(4)))
+    return pdu(0x01, fixed + items)
+
+
+@pytest.mark.parametrize(
+    ("contexts", "syntaxes", "called", "expected"),
+    [
+        (128, 100, "TRIAGE", (1, 1, 1)),  # 12,800 syntaxes: no reason given, nothing decoded on
+        (130, 1, "TRIAGE", (1, 1, 1)),  # more contexts than there are context IDs
+        (128, 100, "NOT_US", (1, 1, 7)),  # refused by its called AE title before decoding
+    ],
+)
+def test_an_absurd_request_is_refused_cheaply_and_quietly(
+    settings: Settings,
+    stack_factory: StackFactory,
+    caplog: pytest.LogCaptureFixture,
+    contexts: int,
+    syntaxes: int,
+    called: str,
+    expected: tuple[int, int, int],
+) -> None:
+    port = _listener(stack_factory, settings)
+    peer = RawAssociation(port)
+    with caplog.at_level(logging.DEBUG):
+        peer.send(_raw_request(contexts, syntaxes, called=called))
+        assert RawAssociation.rejection(peer.read()) == expected
+        peer.close()
+        # Then a real sender, proposing a sane request, is served as ever.
+        real = RawAssociation(port)
+        assert real.associate([CT_IMAGE_STORAGE]).pdu_type == A_ASSOCIATE_AC_TYPE
+        real.close()
+    assert len(caplog.records) < 10, "a log line per proposed syntax"
+
+
+def test_a_sane_request_with_invalid_syntaxes_is_negotiated_without_a_log_line_each(
+    settings: Settings, stack_factory: StackFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Syntax UIDs we cannot use are skipped in silence; the one we take is accepted."""
+    port = _listener(stack_factory, settings)
+    peer = RawAssociation(port)
+    with caplog.at_level(logging.DEBUG):
+        peer.send(_raw_request(16, 20))
+        reply = peer.read()
+    assert reply.pdu_type == A_ASSOCIATE_AC_TYPE
+    peer.close()
+    assert len(caplog.records) < 10

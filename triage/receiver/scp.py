@@ -26,20 +26,21 @@ from triage.errors import DatasetMismatchError, DicomInputError, OutOfResourcesE
 from triage.ingest.pipeline import Ingestor
 from triage.metrics import IngestMetrics
 from triage.receiver.accepted import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
-from triage.receiver.policy import CallerPolicy
-from triage.receiver.upper import (
+from triage.receiver.acse import (
     CALLED_AE_NOT_RECOGNISED,
     CALLING_AE_NOT_RECOGNISED,
     NO_REASON_GIVEN,
+    Rejection,
+    rejection,
+)
+from triage.receiver.policy import CallerPolicy
+from triage.receiver.upper import (
     AcceptorServer,
     AcceptorSettings,
     AssociationSlots,
     ConnectionGate,
-    Rejection,
     Requestor,
     StoreResult,
-    rejection,
-    supported_contexts,
 )
 from triage.storage.spool import IncomingFile
 
@@ -209,10 +210,13 @@ class DicomListener:
         self._studies: dict[int, set[str]] = {}
         self._lock = threading.Lock()
         self._server: AcceptorServer | None = None
-        self._contexts = supported_contexts(
-            [(VERIFICATION, ACCEPTED_TRANSFER_SYNTAXES[:3])]
-            + [(sop_class, ACCEPTED_TRANSFER_SYNTAXES) for sop_class in STORAGE_SOP_CLASSES]
-        )
+        self._contexts = {
+            VERIFICATION: frozenset(ACCEPTED_TRANSFER_SYNTAXES[:3]),
+            **{
+                sop_class: frozenset(ACCEPTED_TRANSFER_SYNTAXES)
+                for sop_class in STORAGE_SOP_CLASSES
+            },
+        }
         metrics.associations.set_function(
             lambda: self._server.active_count() if self._server is not None else 0
         )
@@ -282,13 +286,16 @@ class DicomListener:
 
     # -- the AcceptorPolicy -----------------------------------------------------------------
 
-    def check(self, requestor: Requestor) -> Rejection | None:
+    def check_titles(self, requestor: Requestor) -> Rejection | None:
         if requestor.called_ae != self.settings.ae_title:
             return rejection(CALLED_AE_NOT_RECOGNISED, "called AE title is not ours")
         if not self.callers.open and requestor.calling_ae not in self.callers.titles_for(
             requestor.address
         ):
             return rejection(CALLING_AE_NOT_RECOGNISED, "calling AE title not allowed")
+        return None
+
+    def check_identity(self, requestor: Requestor) -> Rejection | None:
         if not self._identity_accepted(requestor):
             return rejection(NO_REASON_GIVEN, "user identity not accepted")
         return None

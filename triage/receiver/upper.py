@@ -1,10 +1,9 @@
 """The DICOM upper layer (PS3.8) as association acceptor, for C-ECHO and C-STORE.
 
-pynetdicom decodes and encodes the association PDUs and negotiates the presentation
-contexts; this module runs the connections. Each association is one thread doing blocking
-reads, with no polling and no hand-offs between threads. P-DATA-TF PDUs are read item by
-item, and a C-STORE data set's fragments are received straight into its sink's memory, so
-writing it overlaps receiving it and no copy of it is made on the way.
+``triage.receiver.acse`` decodes the association request and negotiates it; this module runs
+the connections. Each association is one thread doing blocking reads, with no polling and no
+hand-offs between threads. P-DATA-TF PDUs are read item by item, and a C-STORE data set's
+fragments are received straight into its sink's buffer, so writing it overlaps receiving it.
 
 What is done with an association and its messages is the ``AcceptorPolicy``'s business
 (``triage.receiver.scp``); this module knows the protocol only.
@@ -21,21 +20,9 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Protocol
-
-from pydicom.uid import UID
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
-    MaximumLengthNotification,
-    UserIdentityNegotiation,
-)
-from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
 from triage.dicom import status
 from triage.dicom.dimse import (
@@ -47,10 +34,19 @@ from triage.dicom.dimse import (
     parse_command,
 )
 from triage.errors import DicomInputError
+from triage.receiver.acse import (
+    LOCAL_LIMIT_EXCEEDED,
+    AcceptorIdentity,
+    MalformedRequest,
+    Negotiation,
+    Rejection,
+    UserIdentity,
+    ae_titles,
+    negotiate,
+    rejection,
+)
 
 log = logging.getLogger(__name__)
-
-APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"
 
 # PDU types (PS3.8 9.3)
 A_ASSOCIATE_RQ_TYPE = 0x01
@@ -73,6 +69,8 @@ PDU_SLACK_BYTES = 1024
 """P-DATA-TF PDUs may exceed the maximum length we announced by this much before we abort."""
 NEGOTIATIONS_KEPT = 32
 """Distinct association requests whose negotiation the listener remembers."""
+NEGOTIATION_KEPT_BYTES = 64 << 10
+"""...each at most this long (storescu's ~128 contexts make about 15 KiB)."""
 SKIP_TIMEOUT_SECONDS = 1.0
 """How long to read on for the rest of a P-DATA-TF we abort in the middle of."""
 MAX_COMMAND_BYTES = 64 << 10
@@ -85,39 +83,6 @@ UNLIMITED_PDU_BYTES = 64 << 20
 _PDU_HEADER = struct.Struct(">BxL")
 _PDV_HEADER = struct.Struct(">LBB")
 _TIMEVAL = struct.Struct("@ll")  # struct timeval on Linux
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """An A-ASSOCIATE-RJ's result, source and reason (PS3.8 9.3.4), and why, for the log."""
-
-    result: int
-    source: int
-    reason: int
-    why: str
-
-
-NO_REASON_GIVEN = (0x01, 0x01, 0x01)  # also the answer to a user identity not accepted
-CALLING_AE_NOT_RECOGNISED = (0x01, 0x01, 0x03)
-CALLED_AE_NOT_RECOGNISED = (0x01, 0x01, 0x07)
-APPLICATION_CONTEXT_NOT_SUPPORTED = (0x01, 0x01, 0x02)
-PROTOCOL_VERSION_NOT_SUPPORTED = (0x01, 0x02, 0x02)
-LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)
-
-
-def rejection(code: tuple[int, int, int], why: str) -> Rejection:
-    return Rejection(*code, why=why)
-
-
-@dataclass(frozen=True)
-class UserIdentity:
-    """The User Identity sub-item of an A-ASSOCIATE-RQ (PS3.7 D.3.3.7): type 1 a username,
-    2 a username and passcode (others are kept as sent)."""
-
-    kind: int
-    primary: bytes
-    secondary: bytes
-    positive_response_requested: bool
 
 
 @dataclass
@@ -166,9 +131,13 @@ class DataSink(Protocol):
 class AcceptorPolicy(Protocol):
     """What the listener decides; the protocol is this module's."""
 
-    def check(self, requestor: Requestor) -> Rejection | None:
-        """Whether to accept the association (its AE titles and identity; the association
-        limit is the server's)."""
+    def check_titles(self, requestor: Requestor) -> Rejection | None:
+        """Whether its calling and called AE titles may associate (asked first)."""
+        ...
+
+    def check_identity(self, requestor: Requestor) -> Rejection | None:
+        """Whether its user identity is accepted (asked once its request is decoded; the
+        association limit is the server's)."""
         ...
 
     def rejected(self, requestor: Requestor, refusal: Rejection) -> None: ...
@@ -282,19 +251,6 @@ class _Expired(Exception):
     """No whole A-ASSOCIATE-RQ within the ARTIM timeout: close the connection (PS3.8 AA-2)."""
 
 
-def supported_contexts(
-    abstract_syntaxes: Iterable[tuple[str, list[str]]],
-) -> list[PresentationContext]:
-    """Acceptor presentation contexts for pynetdicom's negotiation, built once per listener."""
-    contexts = []
-    for abstract_syntax, transfer_syntaxes in abstract_syntaxes:
-        context = PresentationContext()
-        context.abstract_syntax = UID(abstract_syntax)
-        context.transfer_syntax = [UID(syntax) for syntax in transfer_syntaxes]
-        contexts.append(context)
-    return contexts
-
-
 def _pdu(pdu_type: int, body: bytes) -> bytes:
     return _PDU_HEADER.pack(pdu_type, len(body)) + body
 
@@ -319,127 +275,6 @@ class AcceptorSettings:
     this rate, and a message within the DIMSE timeout plus its length so far (0: no limit)."""
     identities_checked: bool = False
     """User identities are checked (a positive response is sent when one is requested)."""
-
-
-@dataclass(frozen=True)
-class Negotiation:
-    """What an A-ASSOCIATE-RQ asks for and our answer, which depend on nothing else (whether
-    the caller may associate is the policy's question, asked every time)."""
-
-    calling_ae: str
-    called_ae: str
-    refusal: Rejection | None  # for the protocol version or application context asked for
-    transfer_syntaxes: Mapping[int, str]  # accepted presentation context id -> transfer syntax
-    abstract_syntaxes: Mapping[int, str]  # accepted presentation context id -> SOP class
-    peer_max_pdu: int
-    identity: UserIdentity | None
-    accept: bytes  # the A-ASSOCIATE-AC to send
-
-
-def negotiate(
-    request: bytes, contexts: list[PresentationContext], settings: AcceptorSettings
-) -> Negotiation:
-    """Decode an A-ASSOCIATE-RQ PDU and negotiate its presentation contexts (pynetdicom).
-
-    Raises _Abort for a request that cannot be decoded.
-    """
-    pdu = A_ASSOCIATE_RQ()
-    try:
-        pdu.decode(request)
-        primitive = pdu.to_primitive()
-    except Exception as exc:
-        raise _Abort(f"undecodable A-ASSOCIATE-RQ ({type(exc).__name__})") from exc
-    refusal = None
-    if not pdu.protocol_version & 0x0001:
-        refusal = rejection(PROTOCOL_VERSION_NOT_SUPPORTED, "protocol version not supported")
-    elif str(primitive.application_context_name) != APPLICATION_CONTEXT_NAME:
-        refusal = rejection(APPLICATION_CONTEXT_NOT_SUPPORTED, "application context unknown")
-    identity = next(
-        (
-            UserIdentity(
-                int(item.user_identity_type or 0),
-                bytes(item.primary_field or b""),
-                bytes(item.secondary_field or b""),
-                bool(item.positive_response_requested),
-            )
-            for item in primitive.user_information
-            if isinstance(item, UserIdentityNegotiation)
-        ),
-        None,
-    )
-    proposed = primitive.presentation_context_definition_list
-    results, _roles = negotiate_as_acceptor(proposed, contexts, None)
-    accepted = [c for c in results if c.result == 0x00 and c.context_id is not None]
-    _prefer_the_senders_syntax(accepted, proposed, contexts)
-    return Negotiation(
-        calling_ae=str(primitive.calling_ae_title).strip(),
-        called_ae=str(primitive.called_ae_title).strip(),
-        refusal=refusal,
-        transfer_syntaxes=MappingProxyType(
-            {c.context_id: str(c.transfer_syntax[0]) for c in accepted if c.context_id}
-        ),
-        abstract_syntaxes=MappingProxyType(
-            {c.context_id: str(c.abstract_syntax) for c in accepted if c.context_id}
-        ),
-        peer_max_pdu=primitive.maximum_length_received or 0,
-        identity=identity,
-        accept=_accept(primitive, results, settings, identity) if refusal is None else b"",
-    )
-
-
-IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
-
-
-def _prefer_the_senders_syntax(
-    accepted: list[PresentationContext],
-    proposed: list[PresentationContext],
-    ours: list[PresentationContext],
-) -> None:
-    """In each accepted context, the first transfer syntax the sender proposed that we take,
-    so that it sends what it holds as it holds it (pynetdicom picks by our own order, Implicit
-    VR first); Implicit VR Little Endian only when the sender offered nothing else we take."""
-    supported = {str(c.abstract_syntax): {str(t) for t in c.transfer_syntax} for c in ours}
-    by_id = {c.context_id: c for c in proposed}
-    for context in accepted:
-        request = by_id.get(context.context_id)
-        if request is None:
-            continue
-        takes = supported.get(str(context.abstract_syntax), set())
-        offered = [str(t) for t in request.transfer_syntax if str(t) in takes]
-        explicit = [t for t in offered if t != IMPLICIT_VR_LITTLE_ENDIAN]
-        if explicit or offered:
-            context.transfer_syntax = [UID((explicit or offered)[0])]
-
-
-def _accept(
-    primitive: A_ASSOCIATE,
-    results: list[PresentationContext],
-    settings: AcceptorSettings,
-    identity: UserIdentity | None,
-) -> bytes:
-    reply = A_ASSOCIATE()
-    reply.application_context_name = UID(APPLICATION_CONTEXT_NAME)
-    reply.calling_ae_title = primitive.calling_ae_title
-    reply.called_ae_title = primitive.called_ae_title
-    reply.result = 0x00
-    reply.result_source = 0x01
-    reply.presentation_context_definition_results_list = results
-    maximum = MaximumLengthNotification()
-    maximum.maximum_length_received = settings.max_pdu_bytes
-    implementation = ImplementationClassUIDNotification()
-    implementation.implementation_class_uid = UID(settings.implementation_class_uid)
-    version = ImplementationVersionNameNotification()
-    version.implementation_version_name = settings.implementation_version_name
-    reply.user_information = [maximum, implementation, version]
-    if settings.identities_checked and identity and identity.positive_response_requested:
-        # Sent only with an association the policy accepted, identity checked (PS3.7 D.3.3.7.2:
-        # empty for a username, with or without passcode).
-        response = UserIdentityNegotiation()
-        response.server_response = b""
-        reply.user_information.append(response)
-    pdu = A_ASSOCIATE_AC()
-    pdu.from_primitive(reply)
-    return bytes(pdu.encode())
 
 
 class Association:
@@ -672,11 +507,18 @@ class Association:
         pdu_type, body = self._read_pdu(self.settings.network_timeout)
         if pdu_type != A_ASSOCIATE_RQ_TYPE:
             raise _Abort(f"expected A-ASSOCIATE-RQ, got PDU type {pdu_type:#04x}", UNEXPECTED_PDU)
-        negotiation = self.server.negotiation(_PDU_HEADER.pack(pdu_type, len(body)) + body)
-        self.requestor.calling_ae = negotiation.calling_ae
-        self.requestor.called_ae = negotiation.called_ae
-        self.requestor.identity = negotiation.identity
-        refusal = negotiation.refusal or self.policy.check(self.requestor)
+        request = _PDU_HEADER.pack(pdu_type, len(body)) + body
+        try:
+            # The AE titles are checked first, from the request's fixed fields: a caller
+            # refused costs nothing more, whatever it proposes.
+            self.requestor.calling_ae, self.requestor.called_ae = ae_titles(request)
+            refusal = self.policy.check_titles(self.requestor)
+            if refusal is None:
+                negotiation = self.server.negotiation(request)
+                self.requestor.identity = negotiation.identity
+                refusal = negotiation.refusal or self.policy.check_identity(self.requestor)
+        except MalformedRequest as exc:
+            raise _Abort(f"undecodable A-ASSOCIATE-RQ: {exc}") from exc
         if refusal is None:
             self._slot = self.server.take_slot()
             if not self._slot:
@@ -910,14 +752,20 @@ class AcceptorServer:
         *,
         settings: AcceptorSettings,
         policy: AcceptorPolicy,
-        contexts: list[PresentationContext],
+        contexts: Mapping[str, frozenset[str]],
         tls: ssl.SSLContext | None = None,
         gate: ConnectionGate | None = None,
         slots: AssociationSlots | None = None,
     ) -> None:
         self.settings = settings
         self.policy = policy
-        self.contexts = contexts
+        self.contexts = contexts  # abstract syntax -> the transfer syntaxes we take for it
+        self._acceptor = AcceptorIdentity(
+            max_pdu_bytes=settings.max_pdu_bytes,
+            implementation_class_uid=settings.implementation_class_uid,
+            implementation_version_name=settings.implementation_version_name,
+            identities_checked=settings.identities_checked,
+        )
         self.tls = tls
         # Where another process accepts the connections, it gates them, and the slots are
         # shared with the other receiver processes.
@@ -962,15 +810,17 @@ class AcceptorServer:
     def negotiation(self, request: bytes) -> Negotiation:
         """``negotiate(request)``, remembered for the last NEGOTIATIONS_KEPT requests.
 
-        A PACS asks for the same thing association after association, and decoding and
-        negotiating the ~128 presentation contexts a sender like storescu proposes takes
-        pynetdicom 10-15 ms. One request is negotiated at a time: associations that open
-        together wait for the first one's answer instead of all working it out.
+        A PACS asks for the same thing association after association (storescu proposes
+        about 128 presentation contexts). One request is negotiated at a time: associations
+        that open together wait for the first one's answer instead of all working it out.
+        Requests over NEGOTIATION_KEPT_BYTES are not kept.
         """
         with self._negotiating:
             found = self._negotiations.get(request)
             if found is None:
-                found = negotiate(request, self.contexts, self.settings)
+                found = negotiate(request, self.contexts, self._acceptor)
+                if len(request) > NEGOTIATION_KEPT_BYTES:
+                    return found
                 self._negotiations[request] = found
                 if len(self._negotiations) > NEGOTIATIONS_KEPT:
                     self._negotiations.popitem(last=False)
