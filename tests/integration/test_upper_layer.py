@@ -5,6 +5,7 @@ test_receiver.py (DCMTK, pynetdicom, Orthanc); these are the ones that do not.""
 from __future__ import annotations
 
 import random
+import threading
 import time
 from pathlib import Path
 
@@ -192,6 +193,36 @@ def test_pdu_size_limit_follows_the_announced_maximum(
         assert _count(stack, Instance) == 0
 
 
+def test_no_announced_maximum_takes_a_pdu_of_any_length(
+    settings: Settings, stack_factory: StackFactory
+) -> None:
+    """max_pdu_bytes = 0 announces no maximum (PS3.8 D.1): a 72 MiB P-DATA-TF is taken."""
+    stack = stack_factory(settings.model_copy(update={"max_pdu_bytes": 0}))
+    stack.listener()
+    ds = dcmread(pydicom_file("CT_small.dcm"))
+    ds.Rows, ds.Columns = 6 * 1024, 6 * 1024
+    ds.PixelData = random.Random(3).randbytes(6 * 1024 * 6 * 1024 * 2)
+    body, sop_instance_uid = dataset_body(ds), str(ds.SOPInstanceUID)
+    peer = _associated(stack)
+    command = c_store_rq(1, CT_IMAGE_STORAGE, sop_instance_uid)
+    peer.send(pdu(P_DATA_TF, pdv(1, 0x03, command) + pdv(1, 0x02, body)))
+    assert peer.response_status() == status.SUCCESS
+    _release(peer)
+    [stored] = stack.spool.objects.glob("*/*.dcm")
+    assert dataset_bytes_of(stored) == body
+
+
+def test_open_associations_get_an_a_abort_when_triage_stops(stack: IngestStack) -> None:
+    peer = _associated(stack)
+    listener = stack.listeners[0]
+    stopper = threading.Thread(target=listener.stop)
+    stopper.start()
+    _seconds, received = peer.until_closed(within=10)
+    stopper.join()
+    # A-ABORT (PS3.8 9.3.8): type 07, length 4, source 0 (service-user), reason 0.
+    assert received == bytes.fromhex("07000000000400000000")
+
+
 def test_association_aborted_mid_data_set_keeps_nothing(stack: IngestStack) -> None:
     body, sop_instance_uid = _ct_small()
     peer = _associated(stack)
@@ -277,7 +308,18 @@ def test_store_on_another_classes_context_and_unknown_operations_are_refused(
         RequestedSOPInstanceUID="1.2.3",
     )
     peer.send(pdu(P_DATA_TF, pdv(3, 0x03, action)))
-    assert peer.response_status() == 0x0211
+    assert peer.response_status() == 0x0211  # PS3.7 C.5.2: unrecognized operation
+    # A C-STORE-RQ that says it carries no data set (PS3.7 9.3.1.1 requires one).
+    empty_store = command_set(
+        AffectedSOPClassUID=MR_IMAGE_STORAGE,
+        CommandField=0x0001,
+        MessageID=3,
+        Priority=0,
+        CommandDataSetType=0x0101,
+        AffectedSOPInstanceUID="1.2.3.4",
+    )
+    peer.send(pdu(P_DATA_TF, pdv(1, 0x03, empty_store)))
+    assert peer.response_status() == 0xC000  # PS3.4 B.2.3: Error, cannot understand
     _release(peer)
     assert _count(stack, Instance) == 0
     assert _files(stack) == []

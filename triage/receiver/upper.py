@@ -77,8 +77,6 @@ MAX_COMMAND_BYTES = 64 << 10
 """A command set longer than this is not a real one (a C-STORE-RQ's is about 200 bytes)."""
 SCRATCH_BYTES = 64 << 10
 """Room for the PDUs and fragments nobody keeps (an A-ASSOCIATE-RQ may borrow more)."""
-UNLIMITED_PDU_BYTES = 64 << 20
-"""The largest P-DATA-TF PDU taken when we announced no maximum (max_pdu_bytes = 0)."""
 
 _PDU_HEADER = struct.Struct(">BxL")
 _PDV_HEADER = struct.Struct(">LBB")
@@ -295,7 +293,8 @@ class Association:
         self.settings = server.settings
         self.policy = server.policy
         announced = self.settings.max_pdu_bytes
-        self._pdata_limit = announced + PDU_SLACK_BYTES if announced else UNLIMITED_PDU_BYTES
+        # Announcing no maximum (0) means none: any P-DATA-TF is read in pieces.
+        self._pdata_limit = announced + PDU_SLACK_BYTES if announced else 0xFFFFFFFF
         self._scratch = bytearray(SCRATCH_BYTES)  # PDU bodies and fragments no sink takes
         self._header = bytearray(_PDU_HEADER.size)
         self._pdv_header = bytearray(_PDV_HEADER.size)
@@ -452,7 +451,18 @@ class Association:
             log.warning("connection closed: %s", exc, extra={"address": self.requestor.address})
             self.policy.aborted(self.requestor, str(exc))
         except _Closed as exc:
-            if self._established:
+            if self._established and self.server.stopping:
+                # Its reading side was shut by stop(): the peer learns why (PS3.8 A-ABORT,
+                # from the service-user) before the connection closes.
+                self._send_abort(0x00, REASON_NOT_SPECIFIED)
+                log.info(
+                    "association aborted: triage is stopping",
+                    extra={
+                        "calling_ae": self.requestor.calling_ae,
+                        "address": self.requestor.address,
+                    },
+                )
+            elif self._established:
                 log.info(
                     "association ended without release: %s",
                     exc,
@@ -690,6 +700,12 @@ class Association:
     def _no_dataset(self, command: Command) -> StoreResult:
         if command.command_field == C_ECHO_RQ:
             return StoreResult(status.SUCCESS)
+        if command.command_field == C_STORE_RQ:  # PS3.7 9.3.1.1: a C-STORE-RQ has one
+            log.warning(
+                "C-STORE request without a data set",
+                extra={"calling_ae": self.requestor.calling_ae},
+            )
+            return StoreResult(status.CANNOT_UNDERSTAND, "C-STORE request without a data set")
         return StoreResult(status.UNRECOGNISED_OPERATION, "operation not supported")
 
     def _unsupported(self, command: Command, context_id: int) -> StoreResult:
@@ -785,6 +801,10 @@ class AcceptorServer:
         if self._socket is None:
             raise ValueError("this server does not listen")
         return int(self._socket.getsockname()[1])
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
 
     def active_count(self) -> int:
         """Established associations (connections still negotiating are not counted)."""
@@ -889,9 +909,13 @@ class AcceptorServer:
         with self._lock:
             active = list(self._active.values())
         for _thread, sock in active:
-            # The association's own thread sees the connection end and cleans up.
+            # The association's own thread sees its reading side end, sends an A-ABORT and
+            # cleans up (one thread per socket: a TLS connection allows no other).
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+                sock.shutdown(socket.SHUT_RD)
         deadline = time.monotonic() + timeout
-        for thread, _sock in active:
+        for thread, sock in active:
             thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():  # stuck sending to a peer that does not read
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
