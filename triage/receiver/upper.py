@@ -7,6 +7,23 @@ fragments are received straight into its sink's buffer, so writing it overlaps r
 
 What is done with an association and its messages is the ``AcceptorPolicy``'s business
 (``triage.receiver.scp``); this module knows the protocol only.
+
+The acceptor's states of PS3.8 Table 9-10, and where they are kept:
+
+- Sta2, connection open, awaiting the A-ASSOCIATE-RQ (``Association._negotiate``): the
+  request gets an A-ASSOCIATE-AC or -RJ (AE-6); any other PDU, or one that cannot be read, an
+  A-ABORT from the service-user (AA-1); an A-ABORT or the end of the connection closes it
+  (AA-2, AA-5); so does the ARTIM timer's expiry, ``acse_timeout`` after the connection.
+- Sta6, established (``Association._serve``), in three phases of the DIMSE message in
+  progress: idle, in the middle of a command, in the middle of a data set. P-DATA-TF is taken
+  (DT-2); A-RELEASE-RQ when idle gets an A-RELEASE-RP (AR-2, AR-4), in the middle of a message
+  an A-ABORT; an A-ASSOCIATE-RQ/AC/RJ or an A-RELEASE-RP an A-ABORT from the service-provider,
+  reason unexpected PDU (AA-8); an unknown PDU type the same, reason unrecognised PDU; an A-ABORT
+  or the end of the connection ends the association (AA-3, AA-4). Silence past the network
+  timeout (idle) or the DIMSE timeout (in a message), or a PDU or message slower than its
+  deadline, gets an A-ABORT from the service-provider, reason not specified.
+- Sta13, after sending an A-RELEASE-RP, an A-ASSOCIATE-RJ or an A-ABORT: the connection is
+  closed at once (the peer has nothing more to say that we would read).
 """
 
 from __future__ import annotations
@@ -258,6 +275,12 @@ def _p_data(context_id: int, control: int, data: bytes) -> bytes:
     return _pdu(P_DATA_TF_TYPE, item)
 
 
+# The phases of an established association (Sta6) between DIMSE messages and inside one.
+IDLE = "idle"
+MID_COMMAND = "in the middle of a command"
+MID_DATA_SET = "in the middle of a data set"
+
+
 @dataclass(frozen=True)
 class AcceptorSettings:
     max_pdu_bytes: int
@@ -445,7 +468,10 @@ class Association:
                 exc,
                 extra={"calling_ae": self.requestor.calling_ae, "address": self.requestor.address},
             )
-            self._send_abort(0x02, exc.reason)
+            if self._established:  # AA-8: service-provider source, with the reason
+                self._send_abort(0x02, exc.reason)
+            else:  # AA-1 (before an association): service-user source, reason not significant
+                self._send_abort(0x00, REASON_NOT_SPECIFIED)
             self.policy.aborted(self.requestor, str(exc))
         except _Expired as exc:
             log.warning("connection closed: %s", exc, extra={"address": self.requestor.address})
@@ -514,9 +540,13 @@ class Association:
 
     def _negotiate(self) -> bool:
         """Read the A-ASSOCIATE-RQ and answer it. True when the association is established."""
-        pdu_type, body = self._read_pdu(self.settings.network_timeout)
-        if pdu_type != A_ASSOCIATE_RQ_TYPE:
+        pdu_type, length = self._read_pdu_header(self.settings.network_timeout)
+        if pdu_type == A_ABORT_TYPE:  # Sta2 + Evt16: AA-2, close
+            raise _Closed("aborted by the peer before associating")
+        if pdu_type != A_ASSOCIATE_RQ_TYPE:  # Sta2 + Evt3, 4, 10, 12, 13, 19: AA-1
+            self._unread = length  # not read into memory: only skipped, within a deadline
             raise _Abort(f"expected A-ASSOCIATE-RQ, got PDU type {pdu_type:#04x}", UNEXPECTED_PDU)
+        body = self._read_scratch(length)
         request = _PDU_HEADER.pack(pdu_type, len(body)) + body
         try:
             # The AE titles are checked first, from the request's fixed fields: a caller
@@ -572,7 +602,9 @@ class Association:
         message_started = 0.0  # when the first PDU of the message in progress began
         message_bytes = 0  # its PDUs' lengths so far
         while True:
-            in_message = bool(command_bytes) or command is not None
+            # Sta6 of PS3.8 Table 9-10, in three phases of the DIMSE message in progress.
+            phase = MID_DATA_SET if command is not None else MID_COMMAND if command_bytes else IDLE
+            in_message = phase != IDLE
             if rate and in_message:
                 self._deadline = message_started + settings.dimse_timeout + message_bytes / rate
                 self._late = "message not whole within its deadline"
@@ -661,8 +693,8 @@ class Association:
                 continue
             self._read_scratch(length)  # the other PDUs' bodies carry nothing we need
             if pdu_type == A_RELEASE_RQ_TYPE:
-                if command is not None or command_bytes:
-                    raise _Abort("A-RELEASE-RQ in the middle of a message", UNEXPECTED_PDU)
+                if in_message:
+                    raise _Abort(f"A-RELEASE-RQ {phase}", UNEXPECTED_PDU)
                 self._send(_pdu(A_RELEASE_RP_TYPE, bytes(4)))
                 log.info(
                     "association released",
