@@ -72,6 +72,22 @@ def running(
                 process.wait()
 
 
+def serve_env(data_dir: Path, **settings: str) -> dict[str, str]:
+    """The environment of a ``triage serve`` under test: its own data directory and ports
+    (``TRIAGE_DICOM_PORT``, ``TRIAGE_HTTP_PORT``), no workers, a spool reserve of 1 MB, and
+    each of ``settings`` as ``TRIAGE_<NAME>``."""
+    from tests.conftest import free_port
+
+    return {
+        "TRIAGE_DATA_DIR": str(data_dir),
+        "TRIAGE_DICOM_PORT": str(free_port()),
+        "TRIAGE_HTTP_PORT": str(free_port()),
+        "TRIAGE_WORKERS": "0",
+        "TRIAGE_SPOOL_MIN_FREE_MB": "1",
+        **{f"TRIAGE_{name.upper()}": value for name, value in settings.items()},
+    }
+
+
 def run_admin(
     settings: Settings, *argv: str, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:

@@ -28,7 +28,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pynetdicom import AE
 
-from tests.conftest import free_port
 from tests.helpers.fuzz import (
     Echo,
     Garbage,
@@ -40,7 +39,7 @@ from tests.helpers.fuzz import (
     run_session,
 )
 from tests.helpers.instances import dataset_bytes_of
-from tests.helpers.process import VENV_BIN, port_open, running, wait_for
+from tests.helpers.process import VENV_BIN, port_open, running, serve_env, wait_for
 
 FUZZ_SECONDS = float(os.environ.get("TRIAGE_FUZZ_SECONDS", "0"))
 SHORT_EXAMPLES = 30  # per receiver configuration, in the suite
@@ -187,20 +186,16 @@ class Daemon:
 
 @contextmanager
 def daemon(tmp_path: Path, data_dir: Path, processes: int) -> Iterator[Daemon]:
-    port, http_port = free_port(), free_port()
-    env = {
-        "TRIAGE_DATA_DIR": str(data_dir),
-        "TRIAGE_DICOM_PORT": str(port),
-        "TRIAGE_HTTP_PORT": str(http_port),
-        "TRIAGE_DICOM_PROCESSES": str(processes),
-        "TRIAGE_WORKERS": "0",
-        "TRIAGE_SPOOL_MIN_FREE_MB": "1",
-        "TRIAGE_STUDY_QUIET_SECONDS": "3600",
-        "TRIAGE_NETWORK_TIMEOUT_SECONDS": "1",
-        "TRIAGE_DIMSE_TIMEOUT_SECONDS": "1",
-        "TRIAGE_ACSE_TIMEOUT_SECONDS": "2",
-        "TRIAGE_LOG_LEVEL": "WARNING",
-    }
+    env = serve_env(
+        data_dir,
+        dicom_processes=str(processes),
+        study_quiet_seconds="3600",
+        network_timeout_seconds="1",
+        dimse_timeout_seconds="1",
+        acse_timeout_seconds="2",
+        log_level="WARNING",
+    )
+    port, http_port = int(env["TRIAGE_DICOM_PORT"]), int(env["TRIAGE_HTTP_PORT"])
     with running(
         [str(VENV_BIN / "triage"), "serve"],
         env=env,

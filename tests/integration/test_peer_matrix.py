@@ -28,10 +28,9 @@ from pynetdicom.pdu_primitives import (
     UserIdentityNegotiation,
 )
 
-from tests.conftest import free_port
 from tests.helpers.instances import dataset_bytes_of, pydicom_file
 from tests.helpers.orthanc import OrthancPeer
-from tests.helpers.process import VENV_BIN, port_open, running
+from tests.helpers.process import VENV_BIN, port_open, running, serve_env
 from tests.helpers.tls import make_cert
 
 pytestmark = pytest.mark.slow
@@ -60,17 +59,13 @@ class Target:
 
 @contextmanager
 def serving(work: Path, processes: int, tls: bool) -> Iterator[Target]:
-    port, http_port = free_port(), free_port()
-    env = {
-        "TRIAGE_DATA_DIR": str(work / "data"),
-        "TRIAGE_DICOM_PORT": str(port),
-        "TRIAGE_HTTP_PORT": str(http_port),
-        "TRIAGE_DICOM_PROCESSES": str(processes),
-        "TRIAGE_WORKERS": "0",
-        "TRIAGE_SPOOL_MIN_FREE_MB": "1",
-        "TRIAGE_STUDY_QUIET_SECONDS": "3600",
-        "TRIAGE_USER_IDENTITIES": json.dumps([IDENTITY]),
-    }
+    env = serve_env(
+        work / "data",
+        dicom_processes=str(processes),
+        study_quiet_seconds="3600",
+        user_identities=json.dumps([IDENTITY]),
+    )
+    port, http_port = int(env["TRIAGE_DICOM_PORT"]), int(env["TRIAGE_HTTP_PORT"])
     cert = None
     if tls:
         cert, key = make_cert(work, "server")

@@ -18,7 +18,7 @@ import pydicom
 import pytest
 
 from bench.multiframe import write_multiframe
-from tests.conftest import StackFactory, free_port
+from tests.conftest import StackFactory
 from tests.helpers.dul import (
     A_ABORT,
     A_ASSOCIATE_AC_TYPE,
@@ -30,7 +30,7 @@ from tests.helpers.dul import (
     pdv,
 )
 from tests.helpers.instances import dataset_bytes_of
-from tests.helpers.process import VENV_BIN, create_token, port_open, running
+from tests.helpers.process import VENV_BIN, create_token, port_open, running, serve_env
 from triage.config import Settings
 
 MIB = 1 << 20
@@ -66,16 +66,6 @@ def storescu(port: int, *paths: Path, extra: tuple[str, ...] = ()) -> None:
         capture_output=True,
         timeout=300,
     )
-
-
-def serve_env(data_dir: Path, **extra: str) -> dict[str, str]:
-    return {
-        "TRIAGE_DATA_DIR": str(data_dir),
-        "TRIAGE_HTTP_PORT": str(free_port()),
-        "TRIAGE_DICOM_PORT": str(free_port()),
-        "TRIAGE_WORKERS": "0",
-        **extra,
-    }
 
 
 def stow_streamed(http_port: int, token: str, path: Path) -> None:
