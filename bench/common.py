@@ -218,7 +218,7 @@ def argv_name(process: subprocess.Popen[bytes]) -> str:
     return str(args)
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """``pid``'s running children, grandchildren and so on (Linux)."""
     found: list[int] = []
     try:
@@ -231,7 +231,7 @@ def _descendants(pid: int) -> list[int]:
         except (OSError, ValueError):
             continue
         for child in children:
-            found += [child, *_descendants(child)]
+            found += [child, *descendants(child)]
     return found
 
 
@@ -241,7 +241,7 @@ def cpu_seconds(pid: int) -> float | None:
 
     On a shared machine CPU per unit of work is steadier than wall-clock time."""
     total = 0
-    for process in [pid, *_descendants(pid)]:
+    for process in [pid, *descendants(pid)]:
         try:
             fields = Path(f"/proc/{process}/stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):

@@ -53,7 +53,10 @@ from bench.common import (
 
 ROWS = COLUMNS = 512
 ASSOCIATIONS = (1, 4)
-TARGETS = {1: 0.5, 4: 0.8}  # ours/storescp throughput we aim for, per association count
+# ours/storescp throughput we aim for, per association count. The four-association target
+# (0.8) is retired: the receiver is some fifty times faster than a large hospital's peak hour
+# needs (bench/README), and raw intake speed is no longer worked on for its own sake.
+TARGETS: dict[int, float] = {1: 0.5}
 MAX_PDU = 131072  # storescp gets the same maximum PDU as triage's default max_pdu_bytes
 CALLING_AE = "BENCH"
 STORESCP_AE = "STORESCP"
@@ -366,14 +369,14 @@ def ratios(results: Sequence[Result]) -> list[dict[str, Any]]:
         paired = median(
             [theirs / mine for theirs, mine in zip(reference.seconds, ours.seconds, strict=True)]
         )
-        target = TARGETS[associations]
+        target = TARGETS.get(associations)
         lines.append(
             {
                 "associations": associations,
                 "ratio": round(ratio, 3),
                 "paired_ratio": round(paired, 3),
                 "target": target,
-                "met": ratio >= target,
+                "met": None if target is None else ratio >= target,
             }
         )
     return lines
@@ -445,11 +448,14 @@ def print_text(data: dict[str, Any]) -> None:
     print("throughput ratio triage/storescp:")
     for line in data["ratios"]:
         plural = "association" if line["associations"] == 1 else "associations"
-        verdict = "met" if line["met"] else "NOT met"
+        if line["target"] is None:
+            verdict = "no target"
+        else:
+            met = "met" if line["met"] else "NOT met"
+            verdict = f"target >= {line['target']:.1f}: {met}"
         print(
             f"  {line['associations']} {plural:<13} {line['ratio']:.2f}   "
-            f"(median of each run's ratio {line['paired_ratio']:.2f})   "
-            f"target >= {line['target']:.1f}: {verdict}"
+            f"(median of each run's ratio {line['paired_ratio']:.2f})   {verdict}"
         )
     print()
     print(f"note: {data['note']}")

@@ -139,12 +139,6 @@ class RawAssociation:
                 return time.monotonic() - started, received
             received += chunk
 
-    def closed_by_peer(self) -> bool:
-        try:
-            return self.sock.recv(1) == b""
-        except (ConnectionResetError, TimeoutError):
-            return True
-
     def associate(
         self,
         abstract_syntaxes: list[str],

@@ -266,7 +266,8 @@ def test_protocol_errors_get_an_abort_and_the_listener_keeps_serving(
     reply = peer.read()
     assert reply.pdu_type == A_ABORT
     assert reply.body[2] == 0x02  # source: service provider
-    assert peer.closed_by_peer()
+    _seconds, after = peer.until_closed(within=3)  # closed, not left open
+    assert after == b""
     wait_for(
         lambda: _count(stack, AuditEvent, AuditEvent.kind == "rejection") == 1,
         timeout=5,
@@ -391,7 +392,8 @@ def test_idle_association_is_closed_after_the_network_timeout(
     started = time.monotonic()
     assert peer.read().pdu_type == A_ABORT
     assert time.monotonic() - started < 3
-    assert peer.closed_by_peer()
+    _seconds, after = peer.until_closed(within=2)  # closed after its A-ABORT, not left open
+    assert after == b""
 
 
 def test_a_negotiation_is_remembered_by_its_request(stack: IngestStack) -> None:
