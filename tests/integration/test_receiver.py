@@ -30,7 +30,6 @@ from tests.helpers.process import wait_for
 from triage.config import Settings, UserIdentity
 from triage.db.models import AuditEvent, Instance, Study
 from triage.db.session import SessionFactory, session_scope
-from triage.dicom import status
 from triage.domain import StudyStatus
 from triage.ingest.completion import StudyCompletionWatcher
 from triage.receiver.scp import DicomListener
@@ -38,6 +37,12 @@ from triage.sockets import set_nodelay
 from triage.storage.spool import Spool
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+# C-STORE statuses as PS3.4 B.2.3 numbers them (not the product's constants).
+CANNOT_UNDERSTAND = 0xC000  # Error: Cannot understand
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # Error: Data Set does not match SOP Class
+OUT_OF_RESOURCES = 0xA700  # Refused: Out of Resources
+SUCCESS = 0x0000  # Success
 
 
 @dataclass
@@ -155,7 +160,7 @@ def test_identical_resend_adds_nothing_and_changed_content_is_a_new_version(
     changed = dcmread(sent.paths[0])
     changed.WindowCenter = 123
     changed.save_as(sent.paths[0])
-    assert send_files(receiver.port, sent.paths[0]) == [status.SUCCESS]
+    assert send_files(receiver.port, sent.paths[0]) == [SUCCESS]
     assert receiver.count(Instance) == 4
     assert receiver.count(Instance, Instance.version == 2) == 1
     assert receiver.count(AuditEvent, AuditEvent.kind == "new_version") == 1
@@ -180,7 +185,7 @@ def test_identical_resend_adds_nothing_and_changed_content_is_a_new_version(
 def test_transfer_syntaxes_are_kept_as_sent(receiver: Receiver, name: str) -> None:
     path = pydicom_file(name)
     syntax = str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
-    assert send_files(receiver.port, path) == [status.SUCCESS]
+    assert send_files(receiver.port, path) == [SUCCESS]
     with session_scope(receiver.session_factory) as session:
         row = session.scalars(select(Instance)).one()
         file_id = row.file_id
@@ -201,20 +206,20 @@ def test_bad_input_gets_the_right_status(receiver: Receiver, tmp_path: Path) -> 
     no_uids = good.copy()
     del no_uids.StudyInstanceUID
     cases = {
-        "garbage": (b"\x13\x37" * 500, good.SOPInstanceUID, status.CANNOT_UNDERSTAND),
-        "truncated": (body[: len(body) - 4000], good.SOPInstanceUID, status.CANNOT_UNDERSTAND),
+        "garbage": (b"\x13\x37" * 500, good.SOPInstanceUID, CANNOT_UNDERSTAND),
+        "truncated": (body[: len(body) - 4000], good.SOPInstanceUID, CANNOT_UNDERSTAND),
         "wrong-length": (
             body[:200] + b"\xff\xff\x00\x7f" + body[204:],
             good.SOPInstanceUID,
-            status.CANNOT_UNDERSTAND,
+            CANNOT_UNDERSTAND,
         ),
-        "no-study-uid": (dataset_body(no_uids), good.SOPInstanceUID, status.CANNOT_UNDERSTAND),
+        "no-study-uid": (dataset_body(no_uids), good.SOPInstanceUID, CANNOT_UNDERSTAND),
         "traversal-uid": (
             _uid_dataset("../../etc/passwd"),
             "../../etc/passwd",
-            status.CANNOT_UNDERSTAND,
+            CANNOT_UNDERSTAND,
         ),
-        "other-instance": (body, "1.2.3.4.5", status.DATASET_DOES_NOT_MATCH_SOP_CLASS),
+        "other-instance": (body, "1.2.3.4.5", DATASET_DOES_NOT_MATCH_SOP_CLASS),
     }
     paths = []
     for name, (data, sop_uid, _) in cases.items():
@@ -316,7 +321,7 @@ def test_dribbled_study_waits_for_the_quiet_period(receiver: Receiver, tmp_path:
     sent = ct_study(tmp_path / "a", 4)
     receiver.watcher.poll()
     for path in sent.paths:
-        assert send_files(receiver.port, path) == [status.SUCCESS]
+        assert send_files(receiver.port, path) == [SUCCESS]
         assert receiver.watcher.poll() == []  # released just now: grace not yet over
     study = receiver.study(sent.study_uid)
     assert study is not None
@@ -332,7 +337,7 @@ def test_full_spool_answers_out_of_resources(
     stack = stack_factory(settings)
     listener = stack.listener()
     path = pydicom_file("CT_small.dcm")
-    assert send_files(listener.port, path, path) == [status.OUT_OF_RESOURCES] * 2
+    assert send_files(listener.port, path, path) == [OUT_OF_RESOURCES] * 2
     rejected = stack.registry.get_sample_value(
         "triage_rejections_total", {"reason": "out-of-resources"}
     )

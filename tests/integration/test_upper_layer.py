@@ -34,11 +34,13 @@ from tests.helpers.process import wait_for
 from triage.config import Settings
 from triage.db.models import AuditEvent, Instance
 from triage.db.session import session_scope
-from triage.dicom import status
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 VERIFICATION = "1.2.840.10008.1.1"
+# C-STORE statuses as PS3.4 B.2.3 numbers them (not the product's constants).
+CANNOT_UNDERSTAND = 0xC000  # Error: Cannot understand
+SUCCESS = 0x0000  # Success
 
 
 @pytest.fixture
@@ -106,7 +108,7 @@ def test_many_small_fragments_and_several_pdvs_per_pdu_make_one_instance(
     items += [pdv(1, 0x02 if i == len(chunks) - 1 else 0x00, c) for i, c in enumerate(chunks)]
     for start in range(0, len(items), 5):
         peer.send(pdu(P_DATA_TF, b"".join(items[start : start + 5])))
-    assert peer.response_status() == status.SUCCESS
+    assert peer.response_status() == SUCCESS
     _release(peer)
     assert _count(stack, Instance) == 1
     [stored] = stack.spool.objects.glob("*/*.dcm")
@@ -130,7 +132,7 @@ def test_data_sets_of_any_size_in_turn_on_one_association_are_stored_exactly(
                 pdu(P_DATA_TF, pdv(1, 0x03, c_store_rq(message_id, CT_IMAGE_STORAGE, "1..2")))
             )
             peer.send(pdu(P_DATA_TF, pdv(1, 0x02, body)))
-            assert peer.response_status() == status.CANNOT_UNDERSTAND
+            assert peer.response_status() == CANNOT_UNDERSTAND
             continue
         ds.SOPInstanceUID = generate_uid()
         ds.Rows = ds.Columns = side
@@ -145,7 +147,7 @@ def test_data_sets_of_any_size_in_turn_on_one_association_are_stored_exactly(
         for start in range(0, len(body), 60_000):  # 60 kB PDUs
             last = start + 60_000 >= len(body)
             peer.send(pdu(P_DATA_TF, pdv(1, 0x02 if last else 0x00, body[start : start + 60_000])))
-        assert peer.response_status() == status.SUCCESS
+        assert peer.response_status() == SUCCESS
     _release(peer)
     with session_scope(stack.session_factory) as session:
         rows = session.execute(select(Instance.sop_instance_uid, Instance.file_id)).all()
@@ -165,7 +167,7 @@ def test_pdus_that_arrive_together_are_taken_apart(stack: IngestStack) -> None:
         stream += pdu(P_DATA_TF, pdv(1, 0x03, command) + pdv(1, 0x02, dataset_body(ds)))
     peer = _associated(stack)
     peer.send(stream + pdu(A_RELEASE_RQ, bytes(4)))
-    assert [peer.response_status() for _ in range(3)] == [status.SUCCESS] * 3
+    assert [peer.response_status() for _ in range(3)] == [SUCCESS] * 3
     assert peer.read().pdu_type == A_RELEASE_RP
     peer.close()
     assert _count(stack, Instance) == 3
@@ -185,7 +187,7 @@ def test_pdu_size_limit_follows_the_announced_maximum(
     command = c_store_rq(1, CT_IMAGE_STORAGE, sop_instance_uid)
     peer.send(pdu(P_DATA_TF, pdv(1, 0x03, command) + pdv(1, 0x02, body)))
     if accepted:  # no maximum announced: any size is taken
-        assert peer.response_status() == status.SUCCESS
+        assert peer.response_status() == SUCCESS
         _release(peer)
         assert _count(stack, Instance) == 1
     else:
@@ -206,7 +208,7 @@ def test_no_announced_maximum_takes_a_pdu_of_any_length(
     peer = _associated(stack)
     command = c_store_rq(1, CT_IMAGE_STORAGE, sop_instance_uid)
     peer.send(pdu(P_DATA_TF, pdv(1, 0x03, command) + pdv(1, 0x02, body)))
-    assert peer.response_status() == status.SUCCESS
+    assert peer.response_status() == SUCCESS
     _release(peer)
     [stored] = stack.spool.objects.glob("*/*.dcm")
     assert dataset_bytes_of(stored) == body
@@ -277,7 +279,7 @@ def test_protocol_errors_get_an_abort_and_the_listener_keeps_serving(
     ae.add_requested_context(VERIFICATION)
     assoc = ae.associate("127.0.0.1", _port(stack), ae_title="TRIAGE")
     assert assoc.is_established
-    assert assoc.send_c_echo().Status == status.SUCCESS
+    assert assoc.send_c_echo().Status == SUCCESS
     assoc.release()
 
 

@@ -23,9 +23,14 @@ from tests.helpers.ct_series import (
     negative_result,
     positive_result,
 )
-from triage.results.inputs import CT_HEAD, AlgorithmIdentity, ResultInput
+from triage.results.inputs import AlgorithmIdentity, ResultInput
 from triage.results.seg import build_segmentation
-from triage.results.sr import PROBABILITY, VOLUME, build_sr
+from triage.results.sr import build_sr
+
+# Concept names of the measurements, from pydicom's code dictionary (the standard's PS3.16
+# tables), not from the builders' own constants.
+VOLUME_CONCEPT = codes.SCT.Volume
+PROBABILITY_CONCEPT = codes.DCM.Probability
 
 
 @pytest.fixture
@@ -115,8 +120,9 @@ def test_sr_reports_each_finding_with_its_segment(source: list[Dataset]) -> None
         for item in report[0].ContentSequence
         if item.ConceptNameCodeSequence[0].CodeValue == codes.DCM.ProcedureReported.value
     ]
+    # LOINC 24725-4 "CT Head": the procedure the SR reports (TID 1500, Procedure Reported).
     assert [(code.CodeValue, code.CodingSchemeDesignator) for code in procedures] == [
-        (CT_HEAD.value, CT_HEAD.scheme_designator)
+        ("24725-4", "LN")
     ]
 
     volumetric = report.get_volumetric_roi_measurement_groups()
@@ -129,19 +135,21 @@ def test_sr_reports_each_finding_with_its_segment(source: list[Dataset]) -> None
             segmentation.SOPInstanceUID
         )
         assert segment.ReferencedSOPSequence[0].ReferencedSegmentNumber == finding.segment_number
-        (volume,) = group.get_measurements(name=VOLUME)
+        (volume,) = group.get_measurements(name=VOLUME_CONCEPT)
         assert volume.value == pytest.approx(finding.volume_ml)
         assert volume.unit.value == "ml"
-        (probability,) = group.get_measurements(name=PROBABILITY)
+        (probability,) = group.get_measurements(name=PROBABILITY_CONCEPT)
         assert probability.value == pytest.approx(finding.probability)
         (presence,) = group.get_qualitative_evaluations(name=finding.code)
         assert presence.value == codes.SCT.Present
-    assert volumetric[2].get_measurements(name=VOLUME)[0].value == pytest.approx(180 * VOXEL_ML)
+    assert volumetric[2].get_measurements(name=VOLUME_CONCEPT)[0].value == pytest.approx(
+        180 * VOXEL_ML
+    )
 
     (absent,) = report.get_image_measurement_groups()
     assert absent.finding_type == EDEMA
     assert absent.get_qualitative_evaluations(name=EDEMA)[0].value == codes.SCT.Absent
-    assert absent.get_measurements(name=VOLUME) == []
+    assert absent.get_measurements(name=VOLUME_CONCEPT) == []
 
 
 def test_sr_references_the_source_images_and_the_segmentation(source: list[Dataset]) -> None:
@@ -165,7 +173,7 @@ def test_negative_study_gets_an_sr_without_a_segmentation(source: list[Dataset])
     (group,) = report.get_image_measurement_groups()
     assert group.finding_type == HEMORRHAGE
     assert group.get_qualitative_evaluations(name=HEMORRHAGE)[0].value == codes.SCT.Absent
-    assert group.get_measurements(name=PROBABILITY)[0].value == pytest.approx(0.03)
+    assert group.get_measurements(name=PROBABILITY_CONCEPT)[0].value == pytest.approx(0.03)
     assert _algorithm_equipment(sr).DeviceUID == ALGORITHM.device_uid
 
 
