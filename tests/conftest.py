@@ -24,7 +24,8 @@ from triage.metrics import IngestMetrics
 from triage.receiver.scp import AssociationEnded, DicomListener
 from triage.storage.spool import Spool
 
-IN_CI = os.environ.get("CI") == "true"
+# CI runners set CI to "true" (GitHub, GitLab) or "1" (others); .ci/run sets it too.
+IN_CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")
 POSTGRES_URL = os.environ.get(
     "TRIAGE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )

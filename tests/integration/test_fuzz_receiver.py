@@ -8,7 +8,7 @@ their baseline.
 
 A short run is part of the suite. A long one is a documented command (README, Testing):
 
-    TRIAGE_FUZZ_SECONDS=1800 .venv/bin/pytest tests/integration/test_fuzz_receiver.py -s
+    TRIAGE_TEST_FUZZ_SECONDS=1800 .venv/bin/pytest tests/integration/test_fuzz_receiver.py -s
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from tests.helpers.fuzz import (
 from tests.helpers.instances import dataset_bytes_of
 from tests.helpers.process import VENV_BIN, port_open, running, serve_env, wait_for
 
-FUZZ_SECONDS = float(os.environ.get("TRIAGE_FUZZ_SECONDS", "0"))
+FUZZ_SECONDS = float(os.environ.get("TRIAGE_TEST_FUZZ_SECONDS", "0"))
 SHORT_EXAMPLES = 30  # per receiver configuration, in the suite
 WARM_UP_EXAMPLES = 15
 ECHO_EVERY = 10
@@ -277,6 +277,6 @@ def test_fuzzed_associations_break_nothing(tmp_path: Path, data_dir: Path, proce
         "stored_checked": len(target.held),
     }
     print(json.dumps(report))
-    if out := os.environ.get("TRIAGE_FUZZ_REPORT"):
+    if out := os.environ.get("TRIAGE_TEST_FUZZ_REPORT"):
         with open(out, "a") as file:
             file.write(json.dumps(report) + "\n")

@@ -12,6 +12,7 @@ import pydicom
 import pytest
 from scipy import ndimage
 
+from tests.conftest import service_missing
 from workers.models.reference.phantom import (
     TEST_SEEDS,
     TRAINING_SEEDS,
@@ -143,8 +144,9 @@ def test_dicom_series_round_trips(tmp_path: Path) -> None:
     assert phantom_uids(12) != phantom_uids(11)
 
 
-@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools is not installed")
 def test_dicom_slice_passes_dciodvfy(tmp_path: Path) -> None:
+    if shutil.which("dciodvfy") is None:
+        service_missing("dicom3tools' dciodvfy")
     phantom = generate_phantom(13, lesion=False, matrix=64)
     study_uid, series_uid = phantom_uids(13)
     paths = write_dicom_series(phantom, tmp_path, study_uid=study_uid, series_uid=series_uid)
