@@ -52,7 +52,7 @@ from bench.multiframe import write_multiframe
 
 MIB = 1 << 20
 CASES = ((1, 1024), (4, 256))  # (associations, MiB per object): one object per association
-RECEIVE_BUFFER_KB = 256  # triage's default receive_buffer_kb
+RECEIVE_BUFFER_KB = 1024  # triage's default receive_buffer_kb
 SLACK_MIB = 64  # what the peak may exceed idle by, besides the buffers
 
 
@@ -246,7 +246,7 @@ NOTE = (
     "resident memory: VmRSS summed over the receiver's processes, sampled every 10 ms; idle "
     "is taken after a 2 MiB warm-up object. storescp (no --bit-preserving) reads each data "
     "set whole into memory before it writes the file; triage streams it to the spool through "
-    "a fixed buffer (receive_buffer_kb, 256 KiB) and fsyncs it before Success."
+    "a fixed buffer (receive_buffer_kb, 1 MiB) and fsyncs it before Success."
 )
 
 

@@ -224,9 +224,10 @@ class Settings(BaseSettings):
     # closed at once (they do not count against max_associations).
     max_negotiating_per_address: Annotated[int, Field(ge=1)] = 8
     max_negotiating: Annotated[int, Field(ge=1)] = 64
-    # Memory each association receives a data set through, whatever the object's size: the
-    # data set is written to the spool each time this fills.
-    receive_buffer_kb: Annotated[int, Field(ge=16, le=65536)] = 256
+    # Memory each association receives a data set through, whatever the object's size: an
+    # object that fits (a CT or MR slice) is checked in memory; a larger one streams to the
+    # spool through it and is read back from the file.
+    receive_buffer_kb: Annotated[int, Field(ge=16, le=65536)] = 1024
     tls: TlsFiles | None = None
     spool_min_free_mb: Annotated[int, Field(ge=0)] = 1024
 

@@ -51,6 +51,10 @@ VERIFICATION = "1.2.840.10008.1.1"
 
 AssociationEnded = Callable[[set[str]], None]
 
+# A data set goes to its spool file in pieces of this size while it arrives (each piece is a
+# write, a hash update and a start of writeback: a release of the GIL each).
+WRITE_BYTES = 256 * 1024
+
 # Empty spool files kept ready, so an association does not wait for a file to be created.
 SPARE_FILES = 8
 
@@ -89,11 +93,14 @@ class DataSetBuffers:
 class SpoolSink:
     """One C-STORE data set, into its spool file while it arrives, then through the Ingestor.
 
-    The data set passes through one buffer of fixed size (``receive_buffer_kb``), written to
-    the spool file each time it fills: an association holds that much memory for it whatever
-    the object's size, and the Ingestor reads the header from the file. A request that
-    cannot be stored (invalid UIDs, a full spool) still has its data set read to the end,
-    into the same buffer over and over, then gets its status.
+    The file (file meta, then the data set) fills one buffer of fixed size
+    (``receive_buffer_kb``) and is written to the spool file every WRITE_BYTES while it
+    arrives, so writing overlaps receiving. An object that fits in the buffer (a CT or MR
+    slice) is handed to the Ingestor from memory; a larger one wraps the buffer round, so an
+    association holds that much memory whatever the object's size, and the Ingestor reads its
+    header back from the file. A request that cannot be stored (invalid UIDs, a full spool)
+    still has its data set read to the end, into the same buffer over and over, then gets its
+    status.
     """
 
     def __init__(
@@ -105,7 +112,9 @@ class SpoolSink:
         self._incoming: IncomingFile | None = None
         self._refusal: StoreResult | None = None
         self._buffer: bytearray | None = listener.buffers.take()
-        self._filled = 0  # bytes of the buffer not written yet
+        self._filled = 0  # bytes of the file in the buffer
+        self._written = 0  # ...of which written to the spool file
+        self._wrapped = False  # the buffer went round: the file is whole only on disk
         self._pending = 0  # bytes the last buffer() gave room for
         sop_class, sop_instance = command.affected_sop_class_uid, command.affected_sop_instance_uid
         if not (is_valid_uid(sop_class) and is_valid_uid(sop_instance)):
@@ -147,7 +156,9 @@ class SpoolSink:
         if self._buffer is None:
             raise ValueError("data set already finished or abandoned")
         if self._filled == len(self._buffer):
-            self._flush()
+            self._write_received()
+            self._filled = self._written = 0
+            self._wrapped = True
         end = min(self._filled + size, len(self._buffer))
         self._pending = end - self._filled
         return memoryview(self._buffer)[self._filled : end]
@@ -155,12 +166,15 @@ class SpoolSink:
     def received(self) -> None:
         self._filled += self._pending
         self._pending = 0
+        if self._filled - self._written >= WRITE_BYTES:
+            self._write_received()
 
-    def _flush(self) -> None:
-        """What the buffer holds, into the spool file (nothing is kept after a refusal)."""
-        if self._buffer is not None and self._filled:
-            self._write(memoryview(self._buffer)[: self._filled])
-        self._filled = 0
+    def _write_received(self) -> None:
+        """What the buffer holds beyond the last write, into the spool file (nothing is kept
+        after a refusal)."""
+        if self._buffer is not None and self._filled > self._written:
+            self._write(memoryview(self._buffer)[self._written : self._filled])
+        self._written = self._filled
 
     def _write(self, piece: bytes | memoryview) -> None:
         if self._incoming is not None:
@@ -170,14 +184,17 @@ class SpoolSink:
                 self._out_of_resources(exc)
 
     def finish(self) -> StoreResult:
-        self._flush()
+        self._write_received()
         buffer, self._buffer = self._buffer, None
         if buffer is None:
             raise ValueError("data set already finished or abandoned")
-        self.listener.buffers.give(buffer)
-        if self._refusal is not None or self._incoming is None:
-            return self._refusal or StoreResult(status.PROCESSING_FAILURE)
-        return self.listener.store(self.requestor, self.command, incoming=self._incoming)
+        try:
+            if self._refusal is not None or self._incoming is None:
+                return self._refusal or StoreResult(status.PROCESSING_FAILURE)
+            whole = None if self._wrapped else memoryview(buffer)[: self._filled]
+            return self.listener.store(self.requestor, self.command, whole, self._incoming)
+        finally:
+            self.listener.buffers.give(buffer)
 
     def abandon(self) -> None:
         if self._incoming is not None:
@@ -372,15 +389,16 @@ class DicomListener:
         self,
         requestor: Requestor,
         command: Command,
-        *,
+        data: memoryview | None,
         incoming: IncomingFile,
     ) -> StoreResult:
-        """Ingest one received instance, whole in ``incoming`` (uncommitted)."""
+        """Ingest one received instance, whole in ``incoming`` (uncommitted), and in ``data``
+        (valid during the call) where it fitted in the receive buffer."""
         requested = (command.affected_sop_class_uid, command.affected_sop_instance_uid)
         uids = {"sop_instance_uid": requested[1]}
         try:
             ingested = self.ingestor.ingest(
-                None,
+                data,
                 calling_ae=requestor.calling_ae,
                 source="dimse",
                 requested=requested,
