@@ -3,13 +3,16 @@ after a worker is killed mid-job."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 from sqlalchemy import select
 
 from tests.conftest import StackFactory, free_port
@@ -18,7 +21,7 @@ from tests.helpers.process import VENV_BIN, port_open, running, wait_for
 from triage.broker import TaskSender
 from triage.config import Settings
 from triage.db.base import utcnow
-from triage.db.models import Finding, Job, Study
+from triage.db.models import Delivery, Finding, Job, Study
 from triage.db.session import SessionFactory, create_db_engine, make_session_factory, session_scope
 from triage.domain import StudyStatus, WorkState
 from triage.ingest.completion import StudyCompletionWatcher
@@ -138,3 +141,75 @@ def test_embedded_default_end_to_end(tmp_path: Path, data_dir: Path) -> None:
         wait_job(factory, lambda state: state == WorkState.DONE, timeout=240)
     assert_one_run_of_findings(factory)
     engine.dispose()
+
+
+def test_a_delivery_is_retried_by_its_own_task_with_the_settings_backoff(
+    settings: Settings, tmp_path: Path, stack_factory: StackFactory, redis_url: str
+) -> None:
+    """A real worker delivers the study's SEG and SR to two peers. FLAKY answers Refused: Out
+    of Resources (0xA700, PS3.4 B.2.3: try again) twice per instance, then Success: the task's
+    own retries deliver each on its third attempt, after the waits the settings give (no
+    sweeper runs here). BROKEN answers Error: Cannot understand (0xC000): failed at once."""
+    attempts: dict[tuple[str, str], list[float]] = {}
+
+    def handler(flaky: bool) -> Callable[[evt.Event], int]:
+        def on_store(event: evt.Event) -> int:
+            uid = str(event.request.AffectedSOPInstanceUID)
+            seen = attempts.setdefault(("FLAKY" if flaky else "BROKEN", uid), [])
+            seen.append(time.monotonic())
+            if not flaky:
+                return 0xC000
+            return 0xA700 if len(seen) <= 2 else 0x0000
+
+        return on_store
+
+    servers = []
+    for title, flaky in (("FLAKY", True), ("BROKEN", False)):
+        ae = AE(ae_title=title)
+        ae.supported_contexts = AllStoragePresentationContexts
+        port = free_port()
+        handlers = [(evt.EVT_C_STORE, handler(flaky))]
+        servers.append(ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers))
+        servers[-1].port = port  # type: ignore[attr-defined]
+    settings = settings.model_copy(update={"broker_url": redis_url})
+    factory = queue_study(settings, stack_factory, tmp_path)
+    env = {
+        **worker_env(settings),
+        "TRIAGE_DESTINATIONS": json.dumps(
+            [f"FLAKY@127.0.0.1:{servers[0].port}", f"BROKEN@127.0.0.1:{servers[1].port}"]  # type: ignore[attr-defined]
+        ),
+        "TRIAGE_RETRY_BACKOFF_SECONDS": "1",
+        "TRIAGE_RETRY_BACKOFF_MAX_SECONDS": "4",
+        "TRIAGE_DELIVERY_MAX_ATTEMPTS": "5",
+        "TRIAGE_DESTINATION_PAUSE_AFTER_FAILURES": "20",
+    }
+
+    def deliveries() -> list[tuple[str, WorkState, int]]:
+        with session_scope(factory) as session:
+            rows = session.execute(select(Delivery.destination, Delivery.state, Delivery.attempts))
+            return sorted((str(d), s, int(a)) for d, s, a in rows)
+
+    def settled() -> bool:
+        found = deliveries()
+        return len(found) == 4 and all(s in (WorkState.DONE, WorkState.FAILED) for _, s, _ in found)
+
+    try:
+        with running(
+            [str(VENV_BIN / "triage"), "worker"], env=env, log_file=tmp_path / "worker.log"
+        ):
+            wait_for(settled, timeout=240, what="every delivery done or failed")
+    finally:
+        for server in servers:
+            server.shutdown()
+    found = deliveries()
+    assert [(s, a) for d, s, a in found if d.startswith("BROKEN")] == [(WorkState.FAILED, 1)] * 2
+    assert [(s, a) for d, s, a in found if d.startswith("FLAKY")] == [(WorkState.DONE, 3)] * 2
+    for (peer, _uid), times in attempts.items():
+        if peer == "BROKEN":
+            assert len(times) == 1
+            continue
+        assert len(times) == 3
+        first, second = times[1] - times[0], times[2] - times[1]
+        # Backoff: base 1 s doubled per attempt, jitter over the upper half of each wait.
+        assert 0.45 <= first <= 10
+        assert 0.95 <= second <= 10
