@@ -72,6 +72,29 @@ def running(
                 process.wait()
 
 
+@contextmanager
+def serving(env: Mapping[str, str], log_file: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``triage serve`` on ``env`` (see ``serve_env``), once its HTTP port answers."""
+    with running(
+        [str(VENV_BIN / "triage"), "serve"],
+        env=env,
+        log_file=log_file,
+        ready=lambda: port_open(int(env["TRIAGE_HTTP_PORT"])),
+    ) as process:
+        yield process
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes ``pid`` started that are still running (Linux), sorted."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:  # threads come and go
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            continue
+    return sorted(found)
+
+
 def serve_env(data_dir: Path, **settings: str) -> dict[str, str]:
     """The environment of a ``triage serve`` under test: its own data directory and ports
     (``TRIAGE_DICOM_PORT``, ``TRIAGE_HTTP_PORT``), no workers, a spool reserve of 1 MB, and

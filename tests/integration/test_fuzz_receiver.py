@@ -39,7 +39,7 @@ from tests.helpers.fuzz import (
     run_session,
 )
 from tests.helpers.instances import dataset_bytes_of
-from tests.helpers.process import VENV_BIN, port_open, running, serve_env, wait_for
+from tests.helpers.process import child_pids, serve_env, serving, wait_for
 
 FUZZ_SECONDS = float(os.environ.get("TRIAGE_TEST_FUZZ_SECONDS", "0"))
 SHORT_EXAMPLES = 30  # per receiver configuration, in the suite
@@ -104,13 +104,7 @@ class Daemon:
         self.held: dict[str, tuple[str, bytes]] = {}  # spool file id -> what it holds
 
     def processes(self) -> list[int]:
-        found = [self.pid]
-        for task in Path(f"/proc/{self.pid}/task").iterdir():
-            try:  # threads come and go
-                found += [int(child) for child in (task / "children").read_text().split()]
-            except FileNotFoundError:
-                continue
-        return found
+        return [self.pid, *child_pids(self.pid)]
 
     def alive(self) -> bool:
         return all(Path(f"/proc/{pid}").exists() for pid in self.processes())
@@ -195,14 +189,8 @@ def daemon(tmp_path: Path, data_dir: Path, processes: int) -> Iterator[Daemon]:
         acse_timeout_seconds="2",
         log_level="WARNING",
     )
-    port, http_port = int(env["TRIAGE_DICOM_PORT"]), int(env["TRIAGE_HTTP_PORT"])
-    with running(
-        [str(VENV_BIN / "triage"), "serve"],
-        env=env,
-        log_file=tmp_path / "serve.log",
-        ready=lambda: port_open(http_port),
-    ) as process:
-        yield Daemon(process.pid, port, data_dir)
+    with serving(env, tmp_path / "serve.log") as process:
+        yield Daemon(process.pid, int(env["TRIAGE_DICOM_PORT"]), data_dir)
         assert process.poll() is None, "triage serve died"
 
 

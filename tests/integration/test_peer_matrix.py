@@ -30,7 +30,7 @@ from pynetdicom.pdu_primitives import (
 
 from tests.helpers.instances import dataset_bytes_of, pydicom_file
 from tests.helpers.orthanc import OrthancPeer
-from tests.helpers.process import VENV_BIN, port_open, running, serve_env
+from tests.helpers.process import serve_env, serving
 from tests.helpers.tls import make_cert
 
 pytestmark = pytest.mark.slow
@@ -58,25 +58,19 @@ class Target:
 
 
 @contextmanager
-def serving(work: Path, processes: int, tls: bool) -> Iterator[Target]:
+def shape(work: Path, processes: int, tls: bool) -> Iterator[Target]:
     env = serve_env(
         work / "data",
         dicom_processes=str(processes),
         study_quiet_seconds="3600",
         user_identities=json.dumps([IDENTITY]),
     )
-    port, http_port = int(env["TRIAGE_DICOM_PORT"]), int(env["TRIAGE_HTTP_PORT"])
     cert = None
     if tls:
         cert, key = make_cert(work, "server")
         env["TRIAGE_TLS"] = json.dumps({"cert_file": str(cert), "key_file": str(key)})
-    with running(
-        [str(VENV_BIN / "triage"), "serve"],
-        env=env,
-        log_file=work / "serve.log",
-        ready=lambda: port_open(http_port),
-    ) as process:
-        yield Target(port, work / "data", cert, processes)
+    with serving(env, work / "serve.log") as process:
+        yield Target(int(env["TRIAGE_DICOM_PORT"]), work / "data", cert, processes)
         assert process.poll() is None, "triage serve died"
 
 
@@ -85,7 +79,7 @@ def plain(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Target]:
     """``triage serve`` on plain TCP, one process or two receiver processes."""
-    with serving(tmp_path_factory.mktemp("plain"), request.param, tls=False) as target:
+    with shape(tmp_path_factory.mktemp("plain"), request.param, tls=False) as target:
         yield target
 
 
@@ -100,7 +94,7 @@ def target(
 ) -> Iterator[Target]:
     """Every shape: plain TCP and TLS, one process and two receiver processes."""
     processes, tls = request.param
-    with serving(tmp_path_factory.mktemp("serve"), processes, tls=tls) as target:
+    with shape(tmp_path_factory.mktemp("serve"), processes, tls=tls) as target:
         yield target
 
 

@@ -30,7 +30,7 @@ from tests.helpers.dul import (
     pdv,
 )
 from tests.helpers.instances import dataset_bytes_of
-from tests.helpers.process import VENV_BIN, create_token, port_open, running, serve_env
+from tests.helpers.process import create_token, serve_env, serving
 from triage.config import Settings
 
 MIB = 1 << 20
@@ -108,12 +108,7 @@ def test_a_large_object_is_received_in_bounded_memory(tmp_path: Path, data_dir: 
     write_multiframe(small, 2 * MIB, seed=1)
     env = serve_env(data_dir)
     port = int(env["TRIAGE_DICOM_PORT"])
-    with running(
-        [str(VENV_BIN / "triage"), "serve"],
-        env=env,
-        log_file=tmp_path / "serve.log",
-        ready=lambda: port_open(int(env["TRIAGE_HTTP_PORT"])),
-    ) as process:
+    with serving(env, tmp_path / "serve.log") as process:
         storescu(port, small)  # everything the C-STORE path imports and builds, once
         reset_peak(process.pid)
         before = peak_resident_bytes(process.pid)

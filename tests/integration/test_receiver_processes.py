@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from tests.conftest import free_port
 from tests.helpers.dul import RawAssociation
 from tests.helpers.instances import ct_study
-from tests.helpers.process import VENV_BIN, port_open, running, wait_for
+from tests.helpers.process import VENV_BIN, child_pids, port_open, running, wait_for
 from triage.db.models import Instance, Study
 from triage.db.session import create_db_engine, make_session_factory, session_scope
 from triage.domain import StudyStatus
@@ -48,13 +48,6 @@ def serve(tmp_path: Path, data_dir: Path, **settings: str) -> Iterator[tuple[int
         ready=lambda: port_open(dicom_port) and port_open(http_port),
     ) as process:
         yield process.pid, dicom_port, http_port
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(child) for child in (task / "children").read_text().split()]
-    return sorted(found)
 
 
 def alive(pid: int) -> bool:
@@ -121,7 +114,7 @@ def test_associations_spread_over_processes_and_release_completes_the_study(
 ) -> None:
     studies = [ct_study(tmp_path / f"s{i}", 5) for i in range(2)]
     with serve(tmp_path, data_dir, association_grace_seconds="1") as (pid, port, http_port):
-        receivers = children(pid)
+        receivers = child_pids(pid)
         assert len(receivers) == 2
         held = [associate(port) for _ in studies]
         assert all(assoc.is_established for assoc in held)
@@ -169,7 +162,7 @@ def test_associations_spread_over_processes_and_release_completes_the_study(
         # starts from nothing and the associations gauge forgets the dead one.
         os.kill(receivers[0], signal.SIGKILL)
         wait_for(
-            lambda: len(children(pid)) == 2 and receivers[0] not in children(pid),
+            lambda: len(child_pids(pid)) == 2 and receivers[0] not in child_pids(pid),
             timeout=30,
             what="the killed receiver process replaced",
         )
@@ -194,7 +187,7 @@ def test_association_limit_counts_every_process(tmp_path: Path, data_dir: Path) 
             peer.close()
 
         def holder() -> list[int]:
-            return [child for child in children(pid) if connections_on(child, port) >= 1]
+            return [child for child in child_pids(pid) if connections_on(child, port) >= 1]
 
         wait_for(lambda: len(holder()) == 1, timeout=10, what="one process left holding one")
         # The process holding the association dies: its slot is free once it is gone.
@@ -217,14 +210,14 @@ def test_dead_receiver_process_is_replaced_and_all_die_with_serve(
 ) -> None:
     study = ct_study(tmp_path / "s", 4)
     with serve(tmp_path, data_dir) as (pid, port, _http):
-        first, second = children(pid)
+        first, second = child_pids(pid)
         os.kill(first, signal.SIGKILL)
         wait_for(
-            lambda: len(children(pid)) == 2 and first not in children(pid),
+            lambda: len(child_pids(pid)) == 2 and first not in child_pids(pid),
             timeout=30,
             what="a new receiver process",
         )
-        replacement = next(child for child in children(pid) if child != second)
+        replacement = next(child for child in child_pids(pid) if child != second)
         wait_for(
             lambda: (
                 "receiver process serving" in (tmp_path / "serve.log").read_text()

@@ -231,12 +231,13 @@ class StowRequest:
         try:
             with incoming.mapped() as data:
                 header = parse_header(data)
-        except (DicomInputError, OutOfResourcesError) as exc:
+        except DicomInputError as exc:
             incoming.discard()
-            code = status.CANNOT_UNDERSTAND
-            if isinstance(exc, OutOfResourcesError):
-                code = status.PROCESSING_FAILURE
-            self._fail(FailedInstance(code, str(exc)))
+            self._fail(FailedInstance(status.CANNOT_UNDERSTAND, str(exc)))
+            return
+        except OutOfResourcesError as exc:  # the written part could not be read back
+            incoming.discard()
+            self._fail(FailedInstance(status.PROCESSING_FAILURE, str(exc)))
             return
         refusal = self._refusal(header)
         if refusal is not None:

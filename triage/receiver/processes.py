@@ -105,10 +105,10 @@ class SharedSlots:
         with self._locked() as counts:
             counts[self.index] = max(0, counts[self.index] - 1)
 
-    def clear(self, index: int | None = None) -> None:
-        """Zero the counter of process ``index`` (default: this one's)."""
+    def clear(self) -> None:
+        """Zero this process's counter."""
         with self._locked() as counts:
-            counts[self.index if index is None else index] = 0
+            counts[self.index] = 0
 
     def close(self) -> None:
         self._map.close()

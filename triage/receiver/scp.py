@@ -172,16 +172,13 @@ class SpoolSink:
     def _write_received(self) -> None:
         """What the buffer holds beyond the last write, into the spool file (nothing is kept
         after a refusal)."""
-        if self._buffer is not None and self._filled > self._written:
-            self._write(memoryview(self._buffer)[self._written : self._filled])
-        self._written = self._filled
-
-    def _write(self, piece: bytes | memoryview) -> None:
-        if self._incoming is not None:
+        incoming, buffer = self._incoming, self._buffer
+        if incoming is not None and buffer is not None and self._filled > self._written:
             try:
-                self._incoming.write(piece)
+                incoming.write(memoryview(buffer)[self._written : self._filled])
             except OutOfResourcesError as exc:
                 self._out_of_resources(exc)
+        self._written = self._filled
 
     def finish(self) -> StoreResult:
         self._write_received()
@@ -189,8 +186,9 @@ class SpoolSink:
         if buffer is None:
             raise ValueError("data set already finished or abandoned")
         try:
-            if self._refusal is not None or self._incoming is None:
-                return self._refusal or StoreResult(status.PROCESSING_FAILURE)
+            if self._refusal is not None:
+                return self._refusal
+            assert self._incoming is not None  # no spool file is always a refusal
             whole = None if self._wrapped else memoryview(buffer)[: self._filled]
             return self.listener.store(self.requestor, self.command, whole, self._incoming)
         finally:
