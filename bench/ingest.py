@@ -468,18 +468,17 @@ def print_text(data: dict[str, Any]) -> None:
     )
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argument_parser("bench.ingest", __doc__)
-    parser.add_argument("--slices", type=int, default=300, help="images in the series (300)")
-    parser.add_argument(
-        "--runs", type=int, default=3, help="runs per case; the median is shown (3)"
-    )
+def add_send_options(parser: argparse.ArgumentParser, *, send_timeout: float) -> None:
+    """The options every storescu-against-storescp-and-triage benchmark takes."""
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
     parser.add_argument(
-        "--send-timeout", type=float, default=300.0, help="seconds one send may take (300)"
+        "--send-timeout",
+        type=float,
+        default=send_timeout,
+        help=f"seconds one send may take ({send_timeout:g})",
     )
     parser.add_argument(
-        "--workdir", type=Path, default=None, help="where series and receivers write (a temp dir)"
+        "--workdir", type=Path, default=None, help="where objects and receivers write (a temp dir)"
     )
     parser.add_argument(
         "--dicom-processes",
@@ -487,6 +486,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=1,
         help="triage's dicom_processes setting: receiver processes behind triage serve (1)",
     )
+
+
+def dcmtk_missing(benchmark: str) -> bool:
+    """Whether DCMTK's storescu or storescp is missing from PATH (said on stderr)."""
+    for tool in ("storescu", "storescp"):
+        if shutil.which(tool) is None:
+            print(f"{benchmark} needs DCMTK's {tool} on PATH", file=sys.stderr)
+            return True
+    return False
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argument_parser("bench.ingest", __doc__)
+    parser.add_argument("--slices", type=int, default=300, help="images in the series (300)")
+    parser.add_argument(
+        "--runs", type=int, default=3, help="runs per case; the median is shown (3)"
+    )
+    add_send_options(parser, send_timeout=300.0)
     args = parser.parse_args(argv)
     if args.slices < 4 or args.runs < 1 or args.dicom_processes < 1:
         parser.error("--slices must be at least 4, --runs and --dicom-processes at least 1")
@@ -495,10 +512,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    for tool in ("storescu", "storescp"):
-        if shutil.which(tool) is None:
-            print(f"bench/ingest needs DCMTK's {tool} on PATH", file=sys.stderr)
-            return 2
+    if dcmtk_missing("bench/ingest"):
+        return 2
     load_before = os.getloadavg()
     root = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=args.workdir))
     try:

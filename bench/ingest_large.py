@@ -44,6 +44,8 @@ from bench.ingest import (
     STORESCP_AE,
     TRIAGE_AE,
     Series,
+    add_send_options,
+    dcmtk_missing,
     indexed_instances,
     storescu_commands,
     triage_env,
@@ -256,10 +258,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--scale", type=float, default=1.0, help="object sizes times this (1.0: 1 GiB, 256 MiB)"
     )
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead")
-    parser.add_argument("--send-timeout", type=float, default=600.0, help="seconds (600)")
-    parser.add_argument("--workdir", type=Path, default=None, help="where to write (a temp dir)")
-    parser.add_argument("--dicom-processes", type=int, default=1, help="triage's (1)")
+    add_send_options(parser, send_timeout=600.0)
     args = parser.parse_args(argv)
     if args.runs < 1 or args.scale <= 0 or args.dicom_processes < 1:
         parser.error("--runs and --dicom-processes at least 1, --scale above 0")
@@ -268,10 +267,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    for tool in ("storescu", "storescp"):
-        if shutil.which(tool) is None:
-            print(f"bench/ingest_large needs DCMTK's {tool} on PATH", file=sys.stderr)
-            return 2
+    if dcmtk_missing("bench/ingest_large"):
+        return 2
     root = Path(tempfile.mkdtemp(prefix="bench-large-", dir=args.workdir))
     try:
         cases = measure(
