@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from monai.networks.nets import DenseNet121
+from monai.transforms import Resize, ScaleIntensity
+from pydicom import dcmread
 
 from triage.config import RoutingRule, Settings
 
@@ -52,6 +55,19 @@ def densenet_bundle(root: Path, *, name: str = "cxr-densenet", version: str = "0
     network = DenseNet121(spatial_dims=2, in_channels=1, out_channels=2)
     torch.save(network.state_dict(), bundle / "models" / "model.pt")
     return bundle
+
+
+def bundle_probability(bundle: Path, image: Path) -> float:
+    """The positive class's probability for one radiograph, computed without triage: pydicom's
+    pixels, the MONAI transforms written in INFERENCE, the saved weights and a softmax."""
+    pixels = dcmread(image).pixel_array.astype(np.float32)
+    tensor = Resize(spatial_size=[128, 128])(ScaleIntensity()(torch.as_tensor(pixels[None])))
+    network = DenseNet121(spatial_dims=2, in_channels=1, out_channels=2)
+    network.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
+    network.eval()
+    with torch.inference_mode():
+        logits = network(torch.as_tensor(tensor)[None].float())
+    return float(torch.softmax(logits, dim=1)[0, 1])
 
 
 def cxr_settings(settings: Settings, models_dir: Path) -> Settings:
