@@ -17,6 +17,7 @@ from tests.helpers.ct_series import (
     EDEMA,
     HEMORRHAGE,
     NEOPLASM,
+    SLICE_THICKNESS_MM,
     VOXEL_ML,
     located_result,
     make_ct_series,
@@ -85,11 +86,49 @@ def test_segmentation_has_one_segment_per_finding_type(source: list[Dataset]) ->
     assert algorithm is not None
     assert algorithm[0].AlgorithmName == ALGORITHM.name
     assert algorithm[0].AlgorithmVersion == ALGORITHM.version
+    # The SEG references only the slices with a frame; the others read back as empty.
     labels = segmentation.get_pixels_by_source_instance(
-        source_sop_instance_uids=[ds.SOPInstanceUID for ds in source], combine_segments=True
+        source_sop_instance_uids=[ds.SOPInstanceUID for ds in source],
+        combine_segments=True,
+        assert_missing_frames_are_empty=True,
     )
     np.testing.assert_array_equal(labels, result.mask)
     assert segmentation.ReferencedSeriesSequence[0].SeriesInstanceUID == source[0].SeriesInstanceUID
+
+
+@pytest.mark.parametrize("slices", [(4,), (1, 2, 6)], ids=["one slice", "slices with a gap"])
+def test_segmentation_states_the_series_slice_spacing(
+    source: list[Dataset], slices: tuple[int, ...]
+) -> None:
+    """Frames of a few slices still tell a reader how far apart the series' slices lie."""
+    result = positive_result(source)
+    mask = np.zeros((len(source), source[0].Rows, source[0].Columns), np.uint8)
+    mask[list(slices), 10:20, 10:20] = 1
+    segmentation = build_segmentation(
+        dataclasses.replace(result, findings=[result.findings[0]], mask=mask)
+    )
+    assert segmentation is not None
+
+    assert segmentation.NumberOfFrames == len(slices)
+    measures = segmentation.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SpacingBetweenSlices) == pytest.approx(SLICE_THICKNESS_MM)
+
+
+def test_segmentation_of_an_irregular_series_states_no_slice_spacing(
+    source: list[Dataset],
+) -> None:
+    """No one spacing describes such a series, even where the segmented slices are regular."""
+    source[6].ImagePositionPatient = [-25.6, -25.6, 6 * SLICE_THICKNESS_MM + 1.0]
+    result = positive_result(source)
+    mask = np.zeros((len(source), source[0].Rows, source[0].Columns), np.uint8)
+    mask[2:4, 10:20, 10:20] = 1
+    segmentation = build_segmentation(
+        dataclasses.replace(result, findings=[result.findings[0]], mask=mask)
+    )
+    assert segmentation is not None
+
+    measures = segmentation.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert "SpacingBetweenSlices" not in measures
 
 
 def test_both_objects_name_the_algorithm_as_contributing_equipment(source: list[Dataset]) -> None:
@@ -152,15 +191,20 @@ def test_sr_reports_each_finding_with_its_segment(source: list[Dataset]) -> None
     assert absent.get_measurements(name=VOLUME_CONCEPT) == []
 
 
-def test_sr_references_the_source_images_and_the_segmentation(source: list[Dataset]) -> None:
-    segmentation, sr = _seg_and_sr(positive_result(source))
+def test_sr_evidence_is_the_segmented_slices_and_the_segmentation(source: list[Dataset]) -> None:
+    """The evidence names what the content references (PS3.3 C.17.2.3), not every slice."""
+    result = positive_result(source)
+    assert result.mask is not None
+    segmentation, sr = _seg_and_sr(result)
     evidence = {
         reference.ReferencedSOPInstanceUID
         for study in sr.CurrentRequestedProcedureEvidenceSequence
         for series in study.ReferencedSeriesSequence
         for reference in series.ReferencedSOPSequence
     }
-    assert evidence == {ds.SOPInstanceUID for ds in source} | {segmentation.SOPInstanceUID}
+    segmented = {source[index].SOPInstanceUID for index in np.flatnonzero(result.mask.any((1, 2)))}
+    assert len(segmented) < len(source)
+    assert evidence == segmented | {segmentation.SOPInstanceUID}
 
 
 def test_negative_study_gets_an_sr_without_a_segmentation(source: list[Dataset]) -> None:
@@ -188,6 +232,12 @@ def test_a_located_finding_without_mask_gets_a_point(source: list[Dataset]) -> N
     (point,) = surface.graphic_data
     # Slice 2.5 lies halfway between z=10 and z=15; row 10 and column 20 at 0.8 mm spacing.
     np.testing.assert_allclose(point, [-25.6 + 20 * 0.8, -25.6 + 10 * 0.8, 12.5])
+    # Its source images are the two slices it lies between.
+    images = surface.source_images_for_segmentation
+    assert [image.referenced_sop_instance_uid for image in images] == [
+        source[2].SOPInstanceUID,
+        source[3].SOPInstanceUID,
+    ]
 
 
 def test_uids_are_deterministic_per_study_model_and_version(source: list[Dataset]) -> None:

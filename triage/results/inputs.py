@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import highdicom as hd
 import numpy as np
@@ -153,6 +154,24 @@ class ResultInput:
                 segments.setdefault(finding.segment_number, finding)
         return dict(sorted(segments.items()))
 
+    @cached_property
+    def segment_slices(self) -> dict[int, tuple[int, ...]]:
+        """The source slice indices each mask label covers, in slice order, by label.
+
+        The SEG encodes and the SR references only these slices. One cheap pass over the mask
+        finds the slices holding any voxel; only those are looked at label by label, so the work
+        beyond that pass grows with the finding, not with the series.
+        """
+        if self.mask is None:
+            return {}
+        per_slice = self.mask.reshape(len(self.mask), -1)
+        slices: dict[int, list[int]] = {}
+        for index in np.flatnonzero(per_slice.max(axis=1)).tolist():
+            voxels = per_slice[index]
+            for label in np.unique(voxels[voxels != 0]).tolist():
+                slices.setdefault(int(label), []).append(index)
+        return {label: tuple(found) for label, found in sorted(slices.items())}
+
     def _check_segments(self, shape: tuple[int, int, int]) -> None:
         segments = self.segments
         for finding in self.findings:
@@ -170,6 +189,6 @@ class ResultInput:
             return
         if self.mask.shape != shape:
             raise ValueError(f"mask shape {self.mask.shape} is not {shape}")
-        labels = tuple(int(value) for value in np.unique(self.mask) if value)
+        labels = tuple(self.segment_slices)
         if labels != numbers:
             raise ValueError(f"mask labels {labels} differ from the findings' segments {numbers}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import highdicom as hd
@@ -27,16 +28,35 @@ MeasurementGroup = (
 )
 
 
+def _location_slices(location: tuple[float, float, float]) -> tuple[int, ...]:
+    """The source slices a location lies on: its own slice, or the two it lies between."""
+    return tuple(sorted({math.floor(location[0]), math.ceil(location[0])}))
+
+
+def _point_location(finding: FindingInput) -> tuple[float, float, float] | None:
+    """The location the SR gives as the finding's region: only when it has no segment."""
+    return finding.location if finding.segment_number is None else None
+
+
+def _source_image(source: Dataset) -> hd.sr.SourceImageForSegmentation:
+    return hd.sr.SourceImageForSegmentation(
+        referenced_sop_class_uid=source.SOPClassUID,
+        referenced_sop_instance_uid=source.SOPInstanceUID,
+    )
+
+
 def _patient_position(
     source: Sequence[Dataset], location: tuple[float, float, float]
 ) -> npt.NDArray[np.float64]:
-    """Patient coordinates (mm) of a possibly fractional voxel index (slice, row, col)."""
+    """Patient coordinates (mm) of a possibly fractional voxel index (slice, row, col).
+
+    The slice position is interpolated between the two slices the index lies between.
+    """
     slice_index, row, column = location
-    positions = np.array([ds.ImagePositionPatient for ds in source], dtype=np.float64)
-    slice_numbers = np.arange(len(source), dtype=np.float64)
-    origin = np.array(
-        [np.interp(slice_index, slice_numbers, positions[:, axis]) for axis in range(3)]
-    )
+    lower, upper = math.floor(slice_index), math.ceil(slice_index)
+    below = np.array(source[lower].ImagePositionPatient, dtype=np.float64)
+    above = np.array(source[upper].ImagePositionPatient, dtype=np.float64)
+    origin = below + (slice_index - lower) * (above - below)
     orientation = np.array(source[0].ImageOrientationPatient, dtype=np.float64)
     row_spacing, column_spacing = (float(value) for value in source[0].PixelSpacing)
     # The first direction cosines follow increasing column index, the second increasing row.
@@ -46,11 +66,12 @@ def _patient_position(
 def _location_surface(
     source: Sequence[Dataset], location: tuple[float, float, float]
 ) -> hd.sr.VolumeSurface:
+    """The location as a 3D point, with the slices it lies on as its source images."""
     return hd.sr.VolumeSurface(
         graphic_type=hd.sr.GraphicTypeValues3D.POINT,
         graphic_data=_patient_position(source, location).reshape(1, 3),
         frame_of_reference_uid=source[0].FrameOfReferenceUID,
-        source_series=hd.sr.SourceSeriesForSegmentation(source[0].SeriesInstanceUID),
+        source_images=[_source_image(source[index]) for index in _location_slices(location)],
     )
 
 
@@ -62,24 +83,31 @@ def _referenced_segments(
     Built from the mask: highdicom's ``ReferencedSegment.from_segmentation`` fails on a SEG
     whose frames all hold one segment (it then sits in the shared functional groups).
     """
-    if segmentation is None or result.mask is None:
+    if segmentation is None:
         return {}
-    references = {}
-    for number in result.segments:
-        covered = np.flatnonzero((result.mask == number).any(axis=(1, 2)))
-        references[number] = hd.sr.ReferencedSegment(
+    return {
+        number: hd.sr.ReferencedSegment(
             sop_class_uid=segmentation.SOPClassUID,
             sop_instance_uid=segmentation.SOPInstanceUID,
             segment_number=number,
-            source_images=[
-                hd.sr.SourceImageForSegmentation(
-                    referenced_sop_class_uid=result.source[index].SOPClassUID,
-                    referenced_sop_instance_uid=result.source[index].SOPInstanceUID,
-                )
-                for index in covered.tolist()
-            ],
+            source_images=[_source_image(result.source[index]) for index in slices],
         )
-    return references
+        for number, slices in result.segment_slices.items()
+    }
+
+
+def _referenced_slices(result: ResultInput) -> list[int]:
+    """Source slice indices the findings' regions reference, in slice order.
+
+    Each segment's covered slices and the slices each location point lies on: what the image
+    library lists and the evidence must name, and no more.
+    """
+    indices = {index for slices in result.segment_slices.values() for index in slices}
+    for finding in result.findings:
+        location = _point_location(finding)
+        if location is not None:
+            indices.update(_location_slices(location))
+    return sorted(indices)
 
 
 def _measurement_group(
@@ -112,9 +140,8 @@ def _measurement_group(
             hd.sr.Measurement(name=VOLUME, value=finding.volume_ml, unit=MILLILITRE)
         )
     segment = None if finding.segment_number is None else segments[finding.segment_number]
-    surface = None
-    if segment is None and finding.location is not None:
-        surface = _location_surface(result.source, finding.location)
+    location = _point_location(finding)
+    surface = None if location is None else _location_surface(result.source, location)
     if segment is None and surface is None:
         return hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking,
@@ -159,6 +186,15 @@ def build_sr(
     ``segmentation`` is ``build_segmentation(result)``: None exactly when no finding names a
     segment. Each group carries the finding type, its presence (present or absent at the
     model's operating point), its probability and, where known, its volume and its region.
+
+    The SR references only the source images its regions need: the slices each segment
+    covers and the slices a location point lies on (TID 1411 rows 11/12). The optional image
+    library (TID 1500 row 5, TID 1600) lists just those, and so does the Current Requested
+    Procedure Evidence Sequence, with the SEG: this SR is not the final report of the
+    procedure, so the sequence must hold at least the instances its content references, not
+    every instance acquired (PS3.3 C.17.2.3). With no image referenced (a negative study) the
+    sequence is still required, since the analysed series is known (PS3.3 Table C.17-2, type
+    1C), and names that series by its first instance.
     """
     if (segmentation is None) != (not result.segments):
         raise ValueError("segmentation must be build_segmentation(result)")
@@ -166,6 +202,7 @@ def build_sr(
         raise ValueError("segmentation belongs to another study")
     identity = result.algorithm
     segments = _referenced_segments(result, segmentation)
+    images = [result.source[index] for index in _referenced_slices(result)]
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(identity),
         procedure_reported=result.procedure,
@@ -173,12 +210,12 @@ def build_sr(
             _measurement_group(number, finding, result, segments)
             for number, finding in enumerate(result.findings, start=1)
         ],
-        referenced_images=list(result.source),
+        referenced_images=images,
     )
 
-    evidence = [*result.source, *([segmentation] if segmentation is not None else [])]
+    evidence = [*images, *([segmentation] if segmentation is not None else [])]
     return hd.sr.Comprehensive3DSR(
-        evidence=evidence,
+        evidence=evidence or [result.source[0]],
         content=report,
         series_instance_uid=result.uid(ResultUid.SR_SERIES),
         series_number=result.sr_series_number,
