@@ -1,7 +1,15 @@
 """``analyze_study``'s work: pick the series, build the volume, run the model, store findings.
 
-Idempotent: a job already done (or failed) for its round is left alone; findings are replaced,
-never appended; a result for a round that was superseded meanwhile is discarded.
+Findings first: the findings are committed and the study re-ranked (critical notifications owed)
+in one transaction, and only then are the SEG and SR built, written and their deliveries queued,
+in a second. The worklist, the API and the notifications never wait for the DICOM objects. In
+between, the job is done with ``results_pending`` set; a worker lost there leaves it so, and the
+task's redelivery (or the sweeper) runs it again: the findings are replaced by the same ones and
+the objects built.
+
+Idempotent: a job already done (or failed) for its round is left alone unless its result objects
+are still owed; findings are replaced, never appended; a result for a round that was superseded
+meanwhile is discarded.
 """
 
 from __future__ import annotations
@@ -28,7 +36,14 @@ from workers.context import WorkerContext
 from workers.models.interface import LoadedModel, ModelOutput
 from workers.remote import JobFiles
 from workers.results import build_objects, record_results, result_input
-from workers.volume import SeriesRequirements, describe_series, fits, load_volume, read_headers
+from workers.volume import (
+    SeriesRequirements,
+    Volume,
+    describe_series,
+    fits,
+    load_volume,
+    read_headers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +77,17 @@ def claim(db_session: Session, job_id: int) -> Claim | JobOutcome:
     job = db_session.get(Job, job_id)
     if job is None:
         return JobOutcome.MISSING
-    if (settled := _SETTLED.get(job.state)) is not None:
-        return settled
     now = utcnow()
-    job.state = WorkState.RUNNING
-    job.started_at = job.touched_at = now
-    job.attempts += 1
+    if job.state == WorkState.DONE and job.results_pending:
+        # Its findings count already; run it again for the objects, and leave it done meanwhile
+        # so the study keeps its place on the worklist.
+        job.touched_at = now
+    elif (settled := _SETTLED.get(job.state)) is not None:
+        return settled
+    else:
+        job.state = WorkState.RUNNING
+        job.started_at = job.touched_at = now
+        job.attempts += 1
     latest = (
         select(Instance.sop_instance_uid, func.max(Instance.version).label("version"))
         .join(Series, Instance.series_id == Series.id)
@@ -154,6 +174,7 @@ def store(
         )
     now = utcnow()
     job.state = WorkState.DONE
+    job.results_pending = True
     job.reason = None
     job.series_uid = series_uid
     job.timings = {stage: round(seconds, 4) for stage, seconds in timings.items()}
@@ -192,7 +213,8 @@ def analyze(context: WorkerContext, job_id: int) -> JobOutcome:
     timings: dict[str, float] = {}
     started = time.perf_counter()
     model = context.registry.get(work.model_name, work.model_version)
-    timings["model_load"] = time.perf_counter() - started
+    if (loading := time.perf_counter() - started) > 0.001:  # not warm: loaded for this job
+        timings["model_load"] = loading
     started = time.perf_counter()
     with context.images.job_files() as files:  # read into memory, then let go
         series_uid, paths = choose_series(model, work, files)
@@ -200,37 +222,13 @@ def analyze(context: WorkerContext, job_id: int) -> JobOutcome:
     timings["load_decode"] = time.perf_counter() - started
     output = model.run(volume)
     timings |= output.timings
-    started = time.perf_counter()
-    objects, results_error = None, None
-    try:
-        objects = build_objects(
-            result_input(study_uid=work.study_uid, model=model, volume=volume, output=output)
-        )
-    except Exception as exc:  # source headers the builders cannot use: findings still count
-        results_error = f"{type(exc).__name__}: {exc}"
-        log.warning("result objects not built: %s", results_error, extra={"job_id": job_id})
-    timings["results"] = time.perf_counter() - started
     mask_ref = _save_mask(context, work.job_id, work.round, output)
-    delivery_ids: list[int] = []
     with session_scope(context.session_factory) as session:
         outcome = store(session, work, series_uid, output, mask_ref, timings)
         if outcome is JobOutcome.DONE:
             job = session.get(Job, work.job_id)
             assert job is not None
-            if objects is not None:
-                delivery_ids = record_results(context, session, job, objects)
-            else:
-                job.reason = f"findings stored; result objects not built: {results_error}"
-                add_event(
-                    db_session=session,
-                    kind="results_failed",
-                    study_uid=work.study_uid,
-                    job_id=job.id,
-                    reason=str(results_error)[:500],
-                )
             settle_and_rank(session, job.study, context.settings)
-    for delivery_id in delivery_ids:  # after the commit, so the dispatcher finds the rows
-        context.sender.dispatch_result(delivery_id)
     log.info(
         "job %s",
         outcome,
@@ -242,7 +240,47 @@ def analyze(context: WorkerContext, job_id: int) -> JobOutcome:
             "findings": len(output.findings),
         },
     )
+    if outcome is JobOutcome.DONE:
+        outcome = make_results(context, work, model, volume, output)
     return outcome
+
+
+def make_results(
+    context: WorkerContext, work: Claim, model: LoadedModel, volume: Volume, output: ModelOutput
+) -> JobOutcome:
+    """Build the run's SEG and SR, write them and queue their deliveries; the job's results are
+    then no longer pending. DONE, or SUPERSEDED where a newer round replaced the findings."""
+    started = time.perf_counter()
+    objects, results_error = None, None
+    try:
+        objects = build_objects(
+            result_input(study_uid=work.study_uid, model=model, volume=volume, output=output)
+        )
+    except Exception as exc:  # source headers the builders cannot use: findings still count
+        results_error = f"{type(exc).__name__}: {exc}"
+        log.warning("result objects not built: %s", results_error, extra={"job_id": work.job_id})
+    seconds = time.perf_counter() - started
+    delivery_ids: list[int] = []
+    with session_scope(context.session_factory) as session:
+        job = session.get(Job, work.job_id)
+        if job is None or job.round != work.round or job.state != WorkState.DONE:
+            return JobOutcome.SUPERSEDED
+        if objects is not None:
+            delivery_ids = record_results(context, session, job, objects)
+        else:
+            job.reason = f"findings stored; result objects not built: {results_error}"
+            add_event(
+                db_session=session,
+                kind="results_failed",
+                study_uid=work.study_uid,
+                job_id=job.id,
+                reason=str(results_error)[:500],
+            )
+        job.results_pending = False
+        job.timings = {**job.timings, "results": round(seconds, 4)}
+    for delivery_id in delivery_ids:  # after the commit, so the dispatcher finds the rows
+        context.sender.dispatch_result(delivery_id)
+    return JobOutcome.DONE
 
 
 def record_job_failure(context: WorkerContext, job_id: int, reason: str, *, final: bool) -> None:

@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
@@ -135,6 +136,8 @@ class Job(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     series_uid: Mapped[str | None] = mapped_column(UID)
     timings: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    # Findings stored, SEG and SR not yet recorded: the sweeper re-sends a job left so.
+    results_pending: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     queued_at: Mapped[datetime] = _created()
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -1,8 +1,10 @@
 """The sweeper: the database, not the broker, decides what is owed.
 
 A job that sits queued past ``job_resend_seconds`` (a lost message, a broker restart, the
-embedded broker after a worker was killed) or running past ``job_timeout_seconds`` (its worker
-died) is sent again. Tasks are idempotent, so a duplicate costs time, never correctness.
+embedded broker after a worker was killed), running past ``job_timeout_seconds`` (its worker
+died), or done with its SEG and SR still owed past ``job_timeout_seconds`` (its worker died
+between storing the findings and recording the objects) is sent again. Tasks are idempotent,
+so a duplicate costs time, never correctness.
 """
 
 from __future__ import annotations
@@ -76,6 +78,9 @@ class Sweeper:
                     or_(
                         (Job.state == WorkState.QUEUED) & (Job.touched_at < queued_before),
                         (Job.state == WorkState.RUNNING) & (Job.touched_at < running_before),
+                        (Job.state == WorkState.DONE)
+                        & Job.results_pending
+                        & (Job.touched_at < running_before),
                     )
                 )
             ).all()
@@ -88,7 +93,8 @@ class Sweeper:
                     job_id=job.id,
                     previous_state=str(job.state),
                 )
-                job.state = WorkState.QUEUED
+                if job.state != WorkState.DONE:  # a done job keeps its findings on the worklist
+                    job.state = WorkState.QUEUED
                 job.touched_at = now
             job_ids = [job.id for job in overdue]
         for job_id in job_ids:
