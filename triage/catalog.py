@@ -1,11 +1,13 @@
 """The model catalog as triage sees it: descriptions read from disk, no weights loaded.
 
 Routing needs each model's name and version to create jobs; ``workers`` loads the weights.
-Two layouts are recognised in each models directory:
+Three layouts are recognised in each models directory:
 
 - a TorchScript file with a JSON sidecar beside it (``"format": "torchscript"``, ``"file"``);
 - a MONAI bundle directory: ``configs/metadata.json`` (name, version) whose ``"triage"`` section
-  holds what the sidecar holds (applies_to, outputs, operating_point, finding).
+  holds what the sidecar holds (applies_to, outputs, operating_point, finding);
+- a JSON sidecar alone with ``"format": "python"`` and ``"entry": "module:function"``: a
+  pipeline written in Python that the worker imports and calls (``workers/models/python.py``).
 
 The bundled reference model lives in ``workers/models/reference``; a model of the same name in
 the configured ``models_dir`` takes precedence.
@@ -41,7 +43,7 @@ class ModelDescription(BaseModel):
 
     name: str = Field(min_length=1, max_length=64)
     version: str = Field(min_length=1, max_length=32)
-    format: Literal["torchscript", "monai-bundle"]
+    format: Literal["torchscript", "monai-bundle", "python"]
     file: str | None = None
     applies_to: AppliesTo = Field(default_factory=AppliesTo)
     outputs: list[str] = Field(default_factory=list)
@@ -78,6 +80,12 @@ def _entry(path: Path, data: dict[str, Any]) -> CatalogEntry:
         weights = path.parent / (description.file or "")
         if not description.file or not weights.is_file():
             return CatalogEntry(path, description, f"weights file {weights.name!r} not found")
+    if description.format == "python":
+        target = str((description.model_extra or {}).get("entry", ""))
+        module, _, attribute = target.partition(":")
+        if not (module and attribute):
+            why = f"entry {target!r} is not 'module:function' (e.g. 'site.model:load')"
+            return CatalogEntry(path, description, why)
     return CatalogEntry(path, description)
 
 
@@ -115,7 +123,7 @@ def _scan_sidecars(directory: Path) -> list[CatalogEntry]:
         except (OSError, ValueError) as exc:
             entries.append(CatalogEntry(sidecar, error=f"unreadable sidecar: {exc}"))
             continue
-        if data.get("format") == "torchscript":
+        if data.get("format") in ("torchscript", "python"):
             entries.append(_entry(sidecar, data))
     return entries
 

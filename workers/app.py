@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 from celery import Celery
+from celery.signals import worker_process_init
 from kombu import Queue
 
 from triage.broker import (
@@ -16,6 +20,10 @@ from triage.broker import (
 from triage.config import Settings
 from workers.context import WorkerContext
 from workers.tasks import register_tasks
+
+log = logging.getLogger(__name__)
+
+WARM_UP_TIMEOUT_SECONDS = 300.0
 
 
 def create_celery(settings: Settings) -> Celery:
@@ -39,8 +47,19 @@ def create_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
     )
-    if settings.embedded_broker:
-        # kombu's SQLAlchemy transport polls; passing this in transport options breaks it.
-        app.conf.broker_polling_interval = 0.1
-    register_tasks(app, WorkerContext(settings))
+    context = WorkerContext(settings)
+    register_tasks(app, context)
+    # Each process that runs tasks (the solo pool's own, or every prefork child) loads and warms
+    # its models before it takes a job; the pool waits for a child that long.
+    app.conf.worker_proc_alive_timeout = WARM_UP_TIMEOUT_SECONDS
+    worker_process_init.connect(lambda **_: warm(context), weak=False, dispatch_uid="triage-warm")
     return app
+
+
+def warm(context: WorkerContext) -> None:
+    started = time.perf_counter()
+    warmed = context.registry.warm_all()
+    log.info(
+        "models warm",
+        extra={"models": warmed, "seconds": round(time.perf_counter() - started, 3)},
+    )

@@ -79,15 +79,21 @@ def queue_study(settings: Settings, stack_factory: StackFactory, tmp_path: Path)
 def test_redis_worker_runs_the_reference_model(
     settings: Settings, tmp_path: Path, stack_factory: StackFactory, redis_url: str
 ) -> None:
+    """The job waits on the broker before the worker starts: the worker's processes load and
+    warm the model first, so the job's timings have no model load."""
     settings = settings.model_copy(update={"broker_url": redis_url})
     factory = queue_study(settings, stack_factory, tmp_path)
-    with running(
-        [str(VENV_BIN / "triage"), "worker"],
-        env=worker_env(settings),
-        log_file=tmp_path / "worker.log",
-    ):
+    log_file = tmp_path / "worker.log"
+    with running([str(VENV_BIN / "triage"), "worker"], env=worker_env(settings), log_file=log_file):
         wait_job(factory, lambda state: state == WorkState.DONE, timeout=180)
     assert_one_run_of_findings(factory)
+    with session_scope(factory) as session:
+        timings = session.scalars(select(Job.timings)).one()
+    assert "model" in timings
+    assert "model_load" not in timings
+    text = log_file.read_text()
+    assert "models warm" in text
+    assert text.index("models warm") < text.index("job done")
 
 
 def test_worker_killed_mid_job_is_redelivered_and_completes_once(

@@ -28,6 +28,13 @@ class ClassificationBundleModel:
     preprocessing: Any  # a MONAI transform (Compose) from the bundle, or None
     positive_class: int
 
+    def warm_up(self) -> None:
+        tensor = torch.zeros((1, 64, 64))  # (channel, rows, columns), as run() passes an image
+        if self.preprocessing is not None:
+            tensor = torch.as_tensor(self.preprocessing(tensor))
+        with torch.inference_mode(), autocast(self.device):
+            self.network(tensor[None].float().to(self.device))
+
     def run(self, volume: Volume) -> ModelOutput:
         timings: dict[str, float] = {}
         started = time.perf_counter()

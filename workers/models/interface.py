@@ -62,6 +62,11 @@ class LoadedModel(Protocol):
 
     def run(self, volume: Volume) -> ModelOutput: ...
 
+    def warm_up(self) -> None:
+        """Run the network once (or as often as its runtime needs) on an input of its own
+        shape, so that the first study does not pay for allocation and compilation."""
+        ...
+
 
 def threshold_of(description: ModelDescription, key: str, default: float = 0.5) -> float:
     value: Any = description.operating_point.get(key, default)

@@ -34,6 +34,14 @@ class LesionSegmentationModel:
     preprocessing: Preprocessing
     postprocessing: Postprocessing
 
+    def warm_up(self) -> None:
+        channels = len(self.preprocessing.windows_hu)
+        inputs = torch.zeros((1, channels, *self.preprocessing.shape))
+        # TorchScript's profiling executor optimises a graph on its second call.
+        for _ in range(2):
+            with torch.inference_mode(), autocast(self.device):
+                self.network(inputs.to(self.device))
+
     def run(self, volume: Volume) -> ModelOutput:
         timings: dict[str, float] = {}
         started = time.perf_counter()

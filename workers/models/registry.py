@@ -6,6 +6,7 @@ A model that fails to load is reported with its reason; the others keep working.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,7 @@ import torch
 from triage.catalog import CatalogEntry, scan_models
 from triage.config import Settings
 from triage.errors import PermanentError
-from workers.models import bundle, lesion  # noqa: F401  (register their loaders)
+from workers.models import bundle, lesion, python  # noqa: F401  (register their loaders)
 from workers.models.devices import choose_device
 from workers.models.interface import LoadedModel
 from workers.models.loaders import LOADERS
@@ -75,6 +76,30 @@ class ModelRegistry:
         self._loaded[key] = model
         log.info("model loaded", extra={"model": name, "version": version})
         return model
+
+    def warm_all(self) -> dict[str, float]:
+        """Load every installed model and run it once, so that a worker is warm before it
+        takes its first job; seconds per model. One that fails is logged and left out: its
+        jobs will fail with the reason."""
+        warmed = {}
+        for entry in self._entries:
+            description = entry.description
+            if description is None or entry.error:
+                continue
+            started = time.perf_counter()
+            try:
+                self.get(description.name, description.version).warm_up()
+            except Exception as exc:
+                log.warning(
+                    "model not warmed: %s",
+                    exc,
+                    extra={"model": description.name, "version": description.version},
+                )
+                continue
+            warmed[f"{description.name} {description.version}"] = round(
+                time.perf_counter() - started, 3
+            )
+        return warmed
 
     def load_all(self) -> list[ModelStatus]:
         """Try to load every model found and say how each went (for ``models list``)."""
