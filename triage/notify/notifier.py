@@ -133,7 +133,7 @@ class Notifier:
         session_factory: SessionFactory,
         *,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
-        poll_seconds: float = 2.0,
+        poll_seconds: float = 0.25,
         batch_size: int = 100,
         rng: random.Random | None = None,
     ) -> None:
