@@ -17,11 +17,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 LOOPBACK = "127.0.0.1"
+ORTHANC = "/usr/sbin/Orthanc"
+ORTHANC_DICOMWEB = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+ORTHANC_AE = "ORTHANC"
 
 
 def argument_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
@@ -316,3 +322,51 @@ def venv_script(name: str) -> str:
     if found is None:
         raise ProcessError(f"{name} is not installed")
     return found
+
+
+@dataclass
+class Server:
+    name: str
+    base: str  # the DICOMweb root URL, no trailing slash
+    headers: dict[str, str]
+    pid: int
+    dicom_port: int | None = None  # Orthanc's DICOM port (its AE title is ORTHANC_AE)
+
+
+@contextlib.contextmanager
+def orthanc_server(work: Path) -> Iterator[Server]:
+    """Orthanc from Debian's packages with its DICOMweb plugin, storing in ``work/orthanc``,
+    fsyncing each file; it accepts C-STORE from any caller on its DICOM port."""
+    if not (Path(ORTHANC).exists() and ORTHANC_DICOMWEB.exists()):
+        raise ProcessError(
+            "Orthanc and its DICOMweb plugin are missing: apt-get install orthanc orthanc-dicomweb"
+        )
+    storage, http_port, dicom_port = work / "orthanc", free_port(), free_port()
+    storage.mkdir()
+    config = {
+        "Name": "BENCH",
+        "DicomAet": ORTHANC_AE,
+        "StorageDirectory": str(storage),
+        "IndexDirectory": str(storage),
+        "Plugins": [str(ORTHANC_DICOMWEB)],
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "StorageCompression": False,
+        "SyncStorageArea": True,
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    config_file = work / "orthanc.json"
+    config_file.write_text(json.dumps(config))
+    with running([ORTHANC, str(config_file)], log_path=work / "orthanc.log") as process:
+        wait_for_port(http_port, process=process, timeout=120)
+        base = f"http://{LOOPBACK}:{http_port}"
+        for _ in range(600):  # the port opens before the plugin has registered its routes
+            try:
+                if httpx.get(f"{base}/dicom-web/studies?limit=1").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        yield Server("orthanc", f"{base}/dicom-web", {}, process.pid, dicom_port)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -24,7 +23,6 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from bench.common import (
     LOOPBACK,
     ProcessError,
+    Server,
     argument_parser,
     clean_env,
     cpu_seconds,
@@ -47,6 +46,7 @@ from bench.common import (
     free_port,
     machine,
     median,
+    orthanc_server,
     percentile,
     running,
     today,
@@ -55,8 +55,6 @@ from bench.common import (
 )
 from bench.ingest import generate_series
 
-ORTHANC = "/usr/sbin/Orthanc"
-ORTHANC_DICOMWEB = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 SERVERS = ("orthanc", "triage")
 BATCH = 250  # instances per STOW-RS request while loading the QIDO studies
 QUERIES = 200  # timed QIDO-RS requests of each kind, after WARMUP
@@ -69,14 +67,6 @@ NOTE = (
     "Every triage request also checks its bearer token (a SELECT); Orthanc has authentication "
     "off."
 )
-
-
-@dataclass
-class Server:
-    name: str
-    base: str  # the DICOMweb root URL, no trailing slash
-    headers: dict[str, str]
-    pid: int
 
 
 @contextlib.contextmanager
@@ -112,42 +102,6 @@ def triage_server(work: Path) -> Iterator[Server]:
             {"Authorization": f"Bearer {token}"},
             process.pid,
         )
-
-
-@contextlib.contextmanager
-def orthanc_server(work: Path) -> Iterator[Server]:
-    if not (Path(ORTHANC).exists() and ORTHANC_DICOMWEB.exists()):
-        raise ProcessError(
-            "Orthanc and its DICOMweb plugin are missing: apt-get install orthanc orthanc-dicomweb"
-        )
-    storage, http_port = work / "orthanc", free_port()
-    storage.mkdir()
-    config = {
-        "Name": "BENCH",
-        "StorageDirectory": str(storage),
-        "IndexDirectory": str(storage),
-        "Plugins": [str(ORTHANC_DICOMWEB)],
-        "HttpPort": http_port,
-        "DicomPort": free_port(),
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "StorageCompression": False,
-        "SyncStorageArea": True,
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    config_file = work / "orthanc.json"
-    config_file.write_text(json.dumps(config))
-    with running([ORTHANC, str(config_file)], log_path=work / "orthanc.log") as process:
-        wait_for_port(http_port, process=process, timeout=120)
-        base = f"http://{LOOPBACK}:{http_port}"
-        for _ in range(600):  # the port opens before the plugin has registered its routes
-            try:
-                if httpx.get(f"{base}/dicom-web/studies?limit=1").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        yield Server("orthanc", f"{base}/dicom-web", {}, process.pid)
 
 
 def _multipart(files: Sequence[bytes], boundary: str) -> Iterator[bytes]:

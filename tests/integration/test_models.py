@@ -10,6 +10,7 @@ from pathlib import Path
 from pydicom import dcmread
 from sqlalchemy import select
 
+from bench.capacity import write_model
 from tests.conftest import StackFactory
 from tests.helpers.bundles import bundle_probability, cxr_settings, densenet_bundle
 from tests.helpers.instances import radiograph
@@ -65,7 +66,20 @@ def test_models_list_reports_each_model_and_why_one_fails(data_dir: Path, tmp_pa
     (broken / "model.json").write_text(
         json.dumps({"name": "broken", "version": "1", "format": "torchscript", "file": "gone.ts"})
     )
-    env = {**os.environ, "TRIAGE_DATA_DIR": str(data_dir), "TRIAGE_MODELS_DIR": str(models_dir)}
+    # A Python pipeline (bench/capacity's fixed-latency model), and one whose module is absent.
+    write_model(models_dir / "python", 0.0, {})
+    (models_dir / "python" / "absent.json").write_text(
+        json.dumps({"name": "absent", "version": "1", "format": "python", "entry": "nosuch:load"})
+    )
+    (models_dir / "python" / "unnamed.json").write_text(
+        json.dumps({"name": "unnamed", "version": "1", "format": "python", "entry": "nosuch"})
+    )
+    env = {
+        **os.environ,
+        "TRIAGE_DATA_DIR": str(data_dir),
+        "TRIAGE_MODELS_DIR": str(models_dir),
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+    }
     result = subprocess.run(
         [str(VENV_BIN / "triage-admin"), "models", "list", "--json"],
         env=env,
@@ -81,6 +95,12 @@ def test_models_list_reports_each_model_and_why_one_fails(data_dir: Path, tmp_pa
     assert statuses["cxr-densenet"]["applies_to"] == "CR/DX CHEST"
     assert statuses["broken"]["state"] == "error"
     assert "gone.ts" in statuses["broken"]["error"]
+    assert statuses["fixed-latency"]["state"] == "loaded"
+    assert statuses["fixed-latency"]["format"] == "python"
+    assert statuses["absent"]["state"] == "error"
+    assert "cannot import 'nosuch:load'" in statuses["absent"]["error"]
+    assert statuses["unnamed"]["state"] == "error"
+    assert "not 'module:function'" in statuses["unnamed"]["error"]
 
 
 def test_findings_count_even_when_result_objects_cannot_be_built(

@@ -65,6 +65,23 @@ def test_native_matrix_is_what_the_acquisition_says() -> None:
     assert phantom.mask.shape == phantom.hu.shape
 
 
+def test_reslicing_keeps_the_scanned_range_and_the_lesion() -> None:
+    acquisition = acquisition_for(5)
+    native = generate_phantom(5, lesion=True, matrix=SMALL)
+    thin = generate_phantom(5, lesion=True, matrix=SMALL, slices=3 * acquisition.slice_count)
+    assert thin.hu.shape == (3 * acquisition.slice_count, SMALL, SMALL)
+    assert thin.spacing_mm[0] == pytest.approx(acquisition.slice_thickness_mm / 3)
+    assert thin.spacing_mm[1:] == native.spacing_mm[1:]
+    # The same head-to-foot range: the bottom edge of the first slice does not move.
+    assert thin.first_slice_z_mm - thin.spacing_mm[0] / 2 == pytest.approx(
+        native.first_slice_z_mm - native.spacing_mm[0] / 2
+    )
+    assert len(thin.lesions) == len(native.lesions)
+    for fine, coarse in zip(thin.lesions, native.lesions, strict=True):
+        assert fine.volume_ml == pytest.approx(coarse.volume_ml, rel=0.1)
+        assert fine.kind == coarse.kind
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_densities_are_those_of_a_head(seed: int) -> None:
     phantom = generate_phantom(seed, lesion=True, matrix=SMALL)

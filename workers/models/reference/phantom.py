@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -178,18 +178,23 @@ def generate_phantom(
     *,
     lesion: bool | None = None,
     matrix: int | None = None,
+    slices: int | None = None,
 ) -> Phantom:
     """The phantom of `seed`: same seed, same volume, to the bit.
 
     `lesion` forces a lesion (True) or none (False); None lets the seed decide, half of the time.
     `matrix` reconstructs the same scan at another matrix over the same field of view, with the
     noise of the native pixels averaged into the coarser ones (to train fast at low resolution).
+    `slices` reconstructs it as that many slices over the same head-to-foot range (thinner or
+    thicker slices, the noise as sampled), e.g. a thin-slice series of 300 images.
     """
     rng = np.random.default_rng(seed)
     head = _sample_head(rng)
     acquisition = _sample_acquisition(rng, head)
     if matrix is not None:
         acquisition = _reconstruct_at(acquisition, matrix)
+    if slices is not None:
+        acquisition = _reslice(acquisition, slices)
     wants_lesion = bool(rng.random() < 0.5) if lesion is None else lesion
     lesions = _sample_lesions(rng, head) if wants_lesion else []
     rendered = _Renderer(head, acquisition, lesions, rng).render()
@@ -316,6 +321,20 @@ def _reconstruct_at(acquisition: Acquisition, matrix: int) -> Acquisition:
         slice_count=acquisition.slice_count,
         first_slice_z_mm=acquisition.first_slice_z_mm,
         noise_sigma_hu=sigma,
+    )
+
+
+def _reslice(acquisition: Acquisition, slices: int) -> Acquisition:
+    if slices < 1:
+        raise ValueError(f"slices must be at least 1, not {slices}")
+    span = acquisition.slice_count * acquisition.slice_thickness_mm
+    bottom = acquisition.first_slice_z_mm - acquisition.slice_thickness_mm / 2
+    thickness = span / slices
+    return replace(
+        acquisition,
+        slice_thickness_mm=thickness,
+        slice_count=slices,
+        first_slice_z_mm=bottom + thickness / 2,
     )
 
 
