@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
@@ -156,3 +157,18 @@ def test_expected_instance_count_completes_at_once(
     with session_scope(stack.session_factory) as session:
         event = session.scalars(select(AuditEvent).where(AuditEvent.kind == "study_complete")).one()
         assert event.detail["reason"] == "expected instance count reached"
+
+
+def test_the_watcher_wakes_when_a_released_study_is_due(
+    settings: Settings, stack_factory: StackFactory
+) -> None:
+    """Polls every 0.25 s, but a study released with a 1 s grace is looked at when its grace
+    ends, not up to a poll later; one already due waits for the ordinary poll."""
+    settings = settings.model_copy(update={"association_grace_seconds": 1.0})
+    watcher = StudyCompletionWatcher(settings, stack_factory(settings).session_factory)
+    assert watcher.next_wait() == 0.25
+    watcher.association_ended({"1.2.3"})
+    released = utcnow()
+    assert watcher.next_wait(now=released + timedelta(seconds=0.9)) == pytest.approx(0.1, abs=0.02)
+    assert watcher.next_wait(now=released + timedelta(seconds=0.5)) == 0.25
+    assert watcher.next_wait(now=released + timedelta(seconds=2)) == 0.25

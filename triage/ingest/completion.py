@@ -156,8 +156,20 @@ class StudyCompletionWatcher:
         )
         return job_ids
 
+    def next_wait(self, now: datetime | None = None) -> float:
+        """Seconds until the next poll: POLL_SECONDS, or less where a released study's grace
+        period runs out sooner, so that it completes when its grace ends, not up to a poll
+        later."""
+        now = now or utcnow()
+        grace = timedelta(seconds=self.settings.association_grace_seconds)
+        with self._lock:
+            ahead = [
+                (released + grace - now).total_seconds() for released in self._released.values()
+            ]
+        return min([self.POLL_SECONDS, *(seconds for seconds in ahead if seconds > 0)])
+
     def run(self, stopping: threading.Event) -> None:
-        while not stopping.wait(self.POLL_SECONDS):
+        while not stopping.wait(self.next_wait()):
             try:
                 self.poll()
             except Exception:  # keep watching: the next poll retries
