@@ -128,14 +128,18 @@ def choose_series(model: LoadedModel, work: Claim, files: JobFiles) -> tuple[str
     raise PermanentError("no series fits the model: " + ("; ".join(refusals) or "no images"))
 
 
-def _save_mask(context: WorkerContext, job_id: int, round_: int, output: ModelOutput) -> str | None:
-    if output.mask is None:
-        return None
+def _mask_name(work: Claim, output: ModelOutput) -> str | None:
+    """The file the run's label map is kept in (``masks_dir``), named before it is written."""
+    return None if output.mask is None else f"job-{work.job_id}-round-{work.round}.npz"
+
+
+def _save_mask(context: WorkerContext, work: Claim, output: ModelOutput) -> None:
+    name = _mask_name(work, output)
+    if name is None or output.mask is None:
+        return
     directory = Path(context.masks_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"job-{job_id}-round-{round_}.npz"
-    np.savez_compressed(path, mask=output.mask)
-    return path.name
+    np.savez_compressed(directory / name, mask=output.mask)
 
 
 def store(
@@ -222,7 +226,7 @@ def analyze(context: WorkerContext, job_id: int) -> JobOutcome:
     timings["load_decode"] = time.perf_counter() - started
     output = model.run(volume)
     timings |= output.timings
-    mask_ref = _save_mask(context, work.job_id, work.round, output)
+    mask_ref = _mask_name(work, output)  # written with the objects, off the critical path
     with session_scope(context.session_factory) as session:
         outcome = store(session, work, series_uid, output, mask_ref, timings)
         if outcome is JobOutcome.DONE:
@@ -251,6 +255,7 @@ def make_results(
     """Build the run's SEG and SR, write them and queue their deliveries; the job's results are
     then no longer pending. DONE, or SUPERSEDED where a newer round replaced the findings."""
     started = time.perf_counter()
+    _save_mask(context, work, output)
     objects, results_error = None, None
     try:
         objects = build_objects(

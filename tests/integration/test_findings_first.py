@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
@@ -110,6 +111,13 @@ def test_the_worklist_turns_critical_before_the_seg_and_sr_exist(
         assert done is not None
         assert done.results_pending is False
         assert "results" in done.timings
+        refs = {f.mask_ref for f in session.scalars(select(Finding)) if f.mask_ref}
+    # The label map each lesion names is written with the objects, after the findings.
+    assert refs
+    for ref in refs:
+        file_name, _, segment = ref.partition("#")
+        with np.load(settings.data_dir / "masks" / file_name) as saved:
+            assert (saved["mask"] == int(segment)).any()
 
 
 def test_a_worker_lost_before_the_results_leaves_a_job_the_sweeper_sends_again(
