@@ -394,12 +394,10 @@ def measure(factory: Any) -> dict[str, Any]:
         run = [seconds(job.started_at, job.finished_at) for job, _ in jobs]
         staged = {
             stage: [float(job.timings.get(stage, 0.0)) for job, _ in jobs]
-            for stage in ("load_decode", "model", "results")
+            for stage in ("load_decode", "preprocess", "model", "postprocess", "results")
         }
-        other = [
-            total - sum(staged[s][i] for s in ("load_decode", "model"))
-            for i, total in enumerate(run)
-        ]
+        own = ("load_decode", "preprocess", "model", "postprocess")
+        other = [total - sum(staged[s][i] for s in own) for i, total in enumerate(run)]
         delivery = [
             seconds(job.finished_at, delivered.get(job.id)) - float(job.timings.get("results", 0))
             for job, _ in jobs
@@ -417,6 +415,15 @@ def measure(factory: Any) -> dict[str, Any]:
             "queue_wait": round(median(queue), 3),
             "load_decode": round(median(staged["load_decode"]), 3),
             "model": round(median(staged["model"]), 3),
+            "pre_post": round(
+                median(
+                    [
+                        a + b
+                        for a, b in zip(staged["preprocess"], staged["postprocess"], strict=True)
+                    ]
+                ),
+                3,
+            ),
             "claim_store_rank": round(median(other), 3),
             "results": round(median(staged["results"]), 3),
             "delivery": round(median(delivery), 3),
@@ -469,8 +476,8 @@ def print_text(data: dict[str, Any]) -> None:
     print(
         "\nCT/min over the busy window (first job queued to last findings stored); eff. = "
         "CT/min / (workers x the one-worker row's); p50/p95: last image received to findings "
-        "stored; db = job run minus load and model (claim, store, re-rank); lag max: how far "
-        "the senders fell behind the schedule."
+        "stored; db = job run minus load, model and its pre/post-processing (claim, store, "
+        "re-rank); lag max: how far the senders fell behind the schedule."
     )
 
 
