@@ -289,10 +289,24 @@ def make_results(
 
 
 def record_job_failure(context: WorkerContext, job_id: int, reason: str, *, final: bool) -> None:
-    """Record a failure on the job: final (failed) or before a retry (queued again)."""
+    """Record a failure on the job: final (failed) or before a retry (queued again). A done job
+    whose re-run for its result objects failed for good keeps its findings; its objects are
+    recorded as not built, so the sweeper stops re-sending it."""
     with session_scope(context.session_factory) as session:
         job = session.get(Job, job_id)
-        if job is None or job.state == WorkState.DONE:
+        if job is None:
+            return
+        if job.state == WorkState.DONE:
+            if final and job.results_pending:
+                job.results_pending = False
+                job.reason = f"findings stored; result objects not built: {reason}"[:2000]
+                add_event(
+                    db_session=session,
+                    kind="results_failed",
+                    study_uid=job.study.study_uid,
+                    job_id=job.id,
+                    reason=reason[:500],
+                )
             return
         job.reason = reason[:2000]
         job.touched_at = utcnow()

@@ -22,12 +22,12 @@ from triage.api.app import create_app
 from triage.api.tokens import create_token
 from triage.config import Settings
 from triage.db.base import utcnow
-from triage.db.models import Finding, Job, Notification, ResultObject
+from triage.db.models import AuditEvent, Finding, Job, Notification, ResultObject
 from triage.db.session import session_scope
 from triage.domain import TokenRole, WorkState
 from triage.ingest.completion import StudyCompletionWatcher
 from triage.ingest.sweeper import Sweeper
-from workers.analysis import JobOutcome, analyze
+from workers.analysis import JobOutcome, analyze, record_job_failure
 from workers.context import WorkerContext
 
 pytestmark = pytest.mark.slow
@@ -167,3 +167,41 @@ def test_a_worker_lost_before_the_results_leaves_a_job_the_sweeper_sends_again(
     # Now settled: a third delivery of the task changes nothing.
     assert analyze(WorkerContext(settings), job_id) == JobOutcome.ALREADY_DONE
     assert sweeper.sweep(now=later) == []
+
+
+def test_a_re_run_for_the_objects_that_fails_for_good_leaves_the_findings_and_stops(
+    settings: Settings, stack_factory: StackFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The images are gone by the time the objects are owed: the job keeps its findings, says
+    why the objects were not built, and the sweeper does not send it again and again."""
+    stack = stack_factory(settings)
+    study_uid, job_id = queued_job(settings, stack, tmp_path)
+
+    def lost(*_args: Any) -> JobOutcome:
+        raise SystemExit("worker lost")
+
+    monkeypatch.setattr(workers.analysis, "make_results", lost)
+    with pytest.raises(SystemExit):
+        analyze(WorkerContext(settings), job_id)
+    monkeypatch.undo()
+    for path in (settings.data_dir / "spool").rglob("*"):
+        if path.is_file():
+            path.unlink()
+    context = WorkerContext(settings)
+    with pytest.raises(FileNotFoundError):
+        analyze(context, job_id)
+    # What analyze_study does with an error that is not retryable (workers/tasks.py).
+    record_job_failure(context, job_id, "FileNotFoundError: gone", final=True)
+    with session_scope(stack.session_factory) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        assert (job.state, job.results_pending) == (WorkState.DONE, False)
+        assert job.reason is not None
+        assert job.reason.startswith("findings stored; result objects not built")
+        assert session.scalars(select(Finding)).all()
+        kinds = session.scalars(
+            select(AuditEvent.kind).where(AuditEvent.study_uid == study_uid)
+        ).all()
+        assert "results_failed" in kinds
+    later = utcnow().replace(year=utcnow().year + 1)
+    assert Sweeper(settings, stack.session_factory, send_job=lambda _: None).sweep(now=later) == []
