@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -66,7 +65,9 @@ from bench.common import (
     today,
     venv_script,
     wait_for_port,
+    wait_warm,
 )
+from bench.e2e import send
 from bench.ingest import dcmtk_missing
 from triage.catalog import CatalogEntry, ModelDescription
 from triage.db.models import Delivery, Job, ResultObject, Study
@@ -223,16 +224,10 @@ def replay(studies: Sequence[Sending], port: int, args: argparse.Namespace) -> d
             due = start + study.arrival_s / args.compress
             time.sleep(max(0.0, due - time.monotonic()))
             late.append(max(0.0, time.monotonic() - due))
-            files = sorted(str(path) for path in study.directory.iterdir())
-            result = subprocess.run(
-                ["storescu", "-aec", "TRIAGE", "-aet", "MODALITY", LOOPBACK, str(port), *files],
-                env={**os.environ, "TCP_NODELAY": "1"},
-                capture_output=True,
-                timeout=600,
-                check=False,
-            )
-            if result.returncode != 0:
-                errors.append(result.stderr.decode(errors="replace")[-200:])
+            try:
+                send(port, sorted(study.directory.iterdir()))
+            except ProcessError as exc:
+                errors.append(str(exc))
 
     threads = [threading.Thread(target=sender) for _ in range(args.associations)]
     for thread in threads:
@@ -312,7 +307,8 @@ def run_row(
         if row.backend != "embedded":
             worker = [venv_script("triage"), "worker", "--concurrency", str(row.workers)]
             stack.enter_context(running(worker, env=env, log_path=data_dir / "worker.log"))
-        wait_warm(data_dir, row)
+        log = data_dir / "worker.log" if row.backend != "embedded" else None
+        wait_warm(data_dir, row.workers, log=log)
         if progress:
             print(f"  {row.backend}, {row.workers} workers, {row.model}: replaying ...",
                   file=sys.stderr, flush=True)  # fmt: skip
@@ -327,18 +323,6 @@ def run_row(
         "send_lag_s": lag,
         **figures,
     }
-
-
-def wait_warm(data_dir: Path, row: Row) -> None:
-    logs = [data_dir / "worker.log"] if row.backend != "embedded" else None
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        found = logs or sorted((data_dir / "logs").glob("worker-*.log"))
-        warm = sum(path.read_text().count("models warm") for path in found if path.exists())
-        if warm >= row.workers:
-            return
-        time.sleep(0.2)
-    raise ProcessError(f"{row.workers} worker processes did not warm their models in 300 s")
 
 
 def wait_and_measure(database: str, cts: int, *, timeout: float) -> dict[str, Any]:

@@ -370,3 +370,16 @@ def orthanc_server(work: Path) -> Iterator[Server]:
                 pass
             time.sleep(0.1)
         yield Server("orthanc", f"{base}/dicom-web", {}, process.pid, dicom_port)
+
+
+def wait_warm(data_dir: Path, processes: int, *, log: Path | None = None) -> None:
+    """Wait (up to 300 s) until ``processes`` worker processes have logged ``models warm``: in
+    ``log`` (a ``triage worker``'s), or else in the local workers' logs of ``triage serve``."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        logs = [log] if log is not None else sorted((data_dir / "logs").glob("worker-*.log"))
+        warm = sum(path.read_text().count("models warm") for path in logs if path.exists())
+        if warm >= processes:
+            return
+        time.sleep(0.2)
+    raise ProcessError(f"{processes} worker processes did not warm their models in 300 s")

@@ -64,6 +64,7 @@ from bench.common import (
     today,
     venv_script,
     wait_for_port,
+    wait_warm,
 )
 from bench.inference import load_model, pick_seed
 from bench.ingest import dcmtk_missing
@@ -282,12 +283,7 @@ def triage_serve(work: Path, args: argparse.Namespace, pacs: Server, hook: str) 
             check=True,
             timeout=60,
         ).stdout.strip()
-        ready = data_dir / "logs"
-        deadline = time.monotonic() + 300
-        while not any("models warm" in p.read_text() for p in ready.glob("worker-*.log")):
-            if time.monotonic() > deadline:
-                raise ProcessError("triage's workers did not warm their models in 300 s")
-            time.sleep(0.2)
+        wait_warm(data_dir, args.workers)
         yield f"http://{LOOPBACK}:{http_port}", token, dicom_port, data_dir
 
 

@@ -80,13 +80,18 @@ def _entry(path: Path, data: dict[str, Any]) -> CatalogEntry:
         weights = path.parent / (description.file or "")
         if not description.file or not weights.is_file():
             return CatalogEntry(path, description, f"weights file {weights.name!r} not found")
-    if description.format == "python":
-        target = str((description.model_extra or {}).get("entry", ""))
-        module, _, attribute = target.partition(":")
-        if not (module and attribute):
-            why = f"entry {target!r} is not 'module:function' (e.g. 'site.model:load')"
-            return CatalogEntry(path, description, why)
+    if description.format == "python" and python_entry(description) is None:
+        target = (description.model_extra or {}).get("entry", "")
+        why = f"entry {target!r} is not 'module:function' (e.g. 'site.model:load')"
+        return CatalogEntry(path, description, why)
     return CatalogEntry(path, description)
+
+
+def python_entry(description: ModelDescription) -> tuple[str, str] | None:
+    """A ``python``-format model's ``"entry"`` as (module, function); None if malformed."""
+    target = str((description.model_extra or {}).get("entry", ""))
+    module, _, function = target.partition(":")
+    return (module, function) if module and function else None
 
 
 def _bundle(directory: Path) -> CatalogEntry:

@@ -216,9 +216,10 @@ def analyze(context: WorkerContext, job_id: int) -> JobOutcome:
         return work
     timings: dict[str, float] = {}
     started = time.perf_counter()
+    warm = context.registry.is_loaded(work.model_name, work.model_version)
     model = context.registry.get(work.model_name, work.model_version)
-    if (loading := time.perf_counter() - started) > 0.001:  # not warm: loaded for this job
-        timings["model_load"] = loading
+    if not warm:  # loaded for this job
+        timings["model_load"] = time.perf_counter() - started
     started = time.perf_counter()
     with context.images.job_files() as files:  # read into memory, then let go
         series_uid, paths = choose_series(model, work, files)
@@ -272,20 +273,27 @@ def make_results(
             return JobOutcome.SUPERSEDED
         if objects is not None:
             delivery_ids = record_results(context, session, job, objects)
+            job.results_pending = False
         else:
-            job.reason = f"findings stored; result objects not built: {results_error}"
-            add_event(
-                db_session=session,
-                kind="results_failed",
-                study_uid=work.study_uid,
-                job_id=job.id,
-                reason=str(results_error)[:500],
-            )
-        job.results_pending = False
+            objects_not_built(session, job, str(results_error))
         job.timings = {**job.timings, "results": round(seconds, 4)}
     for delivery_id in delivery_ids:  # after the commit, so the dispatcher finds the rows
         context.sender.dispatch_result(delivery_id)
     return JobOutcome.DONE
+
+
+def objects_not_built(db_session: Session, job: Job, reason: str) -> None:
+    """The job keeps its findings; its SEG and SR are owed no longer, and the reason is kept
+    on the job and in the audit log (``results_failed``)."""
+    job.results_pending = False
+    job.reason = f"findings stored; result objects not built: {reason}"[:2000]
+    add_event(
+        db_session=db_session,
+        kind="results_failed",
+        study_uid=job.study.study_uid,
+        job_id=job.id,
+        reason=reason[:500],
+    )
 
 
 def record_job_failure(context: WorkerContext, job_id: int, reason: str, *, final: bool) -> None:
@@ -298,15 +306,7 @@ def record_job_failure(context: WorkerContext, job_id: int, reason: str, *, fina
             return
         if job.state == WorkState.DONE:
             if final and job.results_pending:
-                job.results_pending = False
-                job.reason = f"findings stored; result objects not built: {reason}"[:2000]
-                add_event(
-                    db_session=session,
-                    kind="results_failed",
-                    study_uid=job.study.study_uid,
-                    job_id=job.id,
-                    reason=reason[:500],
-                )
+                objects_not_built(session, job, reason)
             return
         job.reason = reason[:2000]
         job.touched_at = utcnow()

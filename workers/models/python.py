@@ -12,7 +12,7 @@ import importlib
 
 import torch
 
-from triage.catalog import CatalogEntry
+from triage.catalog import CatalogEntry, python_entry
 from triage.errors import PermanentError
 from workers.models.interface import LoadedModel
 from workers.models.loaders import loader
@@ -22,14 +22,15 @@ from workers.models.loaders import loader
 def load_python(entry: CatalogEntry, device: torch.device) -> LoadedModel:
     description = entry.description
     assert description is not None
-    target = str((description.model_extra or {}).get("entry", ""))
-    module_name, _, attribute = target.partition(":")
+    found = python_entry(description)
+    assert found is not None  # the catalog refuses a malformed entry
+    module_name, function = found
     try:
-        factory = getattr(importlib.import_module(module_name), attribute)
+        factory = getattr(importlib.import_module(module_name), function)
     except (ImportError, AttributeError) as exc:
         raise PermanentError(
-            f"model {description.name}: cannot import {target!r} ({exc}); install the module "
-            "or put it on the worker's PYTHONPATH"
+            f"model {description.name}: cannot import '{module_name}:{function}' ({exc}); "
+            "install the module or put it on the worker's PYTHONPATH"
         ) from exc
     model: LoadedModel = factory(entry, device)
     return model

@@ -59,6 +59,10 @@ class ModelRegistry:
                 return entry
         raise PermanentError(f"model {name} {version} is not installed")
 
+    def is_loaded(self, name: str, version: str) -> bool:
+        """Whether ``get`` would return the model without loading it."""
+        return (name, version) in self._loaded
+
     def get(self, name: str, version: str) -> LoadedModel:
         """The loaded model, loading it the first time. Raises PermanentError if it cannot be."""
         key = (name, version)
