@@ -285,6 +285,35 @@ def test_worklist_order_critical_then_urgent_then_routine_oldest_first() -> None
     assert ordered == ["1.3", "1.4", "1.2", "1.0", "1.1"]
 
 
+def test_at_equal_waiting_time_the_larger_finding_is_read_first() -> None:
+    # Issue 19: a 0.76 mL finding sat above a 90 mL one because it arrived a second earlier.
+    small = study(
+        "1.1", received_at=T0 + timedelta(seconds=10), findings=(finding(volume_ml=0.76),)
+    )
+    large = study("1.2", received_at=T0 + timedelta(seconds=11), findings=(finding(volume_ml=90),))
+    now = T0 + timedelta(minutes=3, seconds=20)
+    items = [(s, compute_priority(s, now=now, config=CONFIG)) for s in (small, large)]
+    assert [s.study_uid for s, _ in order_worklist(items)] == ["1.2", "1.1"]
+
+
+def test_severity_is_probability_first_then_volume() -> None:
+    likely = study("1.1", findings=(finding(probability=0.99, volume_ml=1.0),))
+    larger = study("1.2", findings=(finding(probability=0.90, volume_ml=60.0),))
+    now = T0 + timedelta(minutes=2)
+    items = [(s, compute_priority(s, now=now, config=CONFIG)) for s in (larger, likely)]
+    assert [s.study_uid for s, _ in order_worklist(items)] == ["1.1", "1.2"]
+
+
+def test_severity_never_puts_a_later_minute_ahead() -> None:
+    earlier = study(
+        "1.1", received_at=T0 - timedelta(seconds=5), findings=(finding(volume_ml=0.5),)
+    )
+    later = study("1.2", received_at=T0 + timedelta(seconds=5), findings=(finding(volume_ml=90),))
+    now = T0 + timedelta(minutes=4)
+    items = [(s, compute_priority(s, now=now, config=CONFIG)) for s in (later, earlier)]
+    assert [s.study_uid for s, _ in order_worklist(items)] == ["1.1", "1.2"]
+
+
 def test_a_study_may_appear_once_on_the_worklist() -> None:
     priority = priority_after(study(), timedelta(0))
     with pytest.raises(ValueError, match="appears twice"):
@@ -550,3 +579,42 @@ def test_describe_change_is_silent_only_when_nothing_changed(
     later = priority_after(signals, wait + timedelta(days=3), config)
     if later.tier is not priority.tier or later.reason != priority.reason:
         assert describe_change(priority, later) is not None
+
+
+@PROPERTIES
+@given(
+    data=st.data(),
+    config=configs(),
+    wait=WAITS,
+    minute=st.integers(min_value=0, max_value=3),
+    seconds=st.tuples(st.integers(0, 59), st.integers(0, 59)),
+)
+def test_within_a_minute_severity_orders_and_across_minutes_arrival_does(
+    data: st.DataObject,
+    config: PolicyConfig,
+    wait: timedelta,
+    minute: int,
+    seconds: tuple[int, int],
+) -> None:
+    """Two critical studies of the same modalities: arrived in the same minute, the more severe
+    one is read first; arrived in different minutes, the earlier one is, however severe the
+    later one (nothing starves)."""
+    modalities = data.draw(MODALITIES)
+    flagging = st.lists(findings(flagging=True), min_size=1, max_size=2)
+    first_at = T0 + timedelta(seconds=seconds[0])
+    second_at = T0 + timedelta(minutes=minute, seconds=seconds[1])
+    a = data.draw(
+        studies(uid="1.1", received_at=first_at, modalities=modalities, finding_list=flagging)
+    )
+    b = data.draw(
+        studies(uid="1.2", received_at=second_at, modalities=modalities, finding_list=flagging)
+    )
+    now = second_at + wait
+    pa, pb = (compute_priority(s, now=now, config=config) for s in (a, b))
+    if pa.tier is not pb.tier:
+        return  # one escalated past the other; tiers come first
+    if minute == 0:
+        if pa.severity != pb.severity:
+            assert (pa.sort_key < pb.sort_key) == (pa.severity > pb.severity)
+    else:
+        assert pa.sort_key < pb.sort_key

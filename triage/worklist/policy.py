@@ -27,8 +27,14 @@ How a study's tier is decided, in this order:
    most. A critical study that is overdue has nowhere higher to go: it stays critical, its score
    keeps growing past 1 so it moves ahead of the critical studies that are still within their
    target, and its reason says it is overdue.
-5. **Ties are broken by arrival, then by Study Instance UID**, so the same studies are always
-   listed in the same order.
+5. **At equal waiting time the more severe finding comes first.** Waiting is counted in whole
+   minutes of the clock, from the start of the minute in which a study arrived (or escalated),
+   so studies that came in during the same minute have waited equally long; among them, the
+   one whose most severe critical finding has the higher probability, then the larger volume,
+   is read first. A 90 mL hemorrhage is not put below a 0.8 mL one because it arrived a second
+   later, yet a study never falls behind one that arrived in a later minute: nothing starves.
+6. **Remaining ties are broken by arrival, then by Study Instance UID**, so the same studies
+   are always listed in the same order.
 
 Whether the AI analysis is still pending or has failed never changes the tier; the reason says so,
 so that a reader knows that a missing AI flag means "not analysed" rather than "negative".
@@ -308,6 +314,7 @@ class Priority:
     score: float
     due_at: datetime
     reason: str
+    severity: tuple[float, float]
 
     def __init__(
         self,
@@ -318,6 +325,7 @@ class Priority:
         score: float,
         due_at: datetime,
         reason: str,
+        severity: tuple[float, float] = (0.0, 0.0),
     ) -> None:
         if not math.isfinite(score):
             raise ValueError(f"score {score} is not finite")
@@ -329,15 +337,25 @@ class Priority:
         object.__setattr__(self, "score", score)
         object.__setattr__(self, "due_at", due_at)
         object.__setattr__(self, "reason", reason)
+        object.__setattr__(self, "severity", severity)
 
     @property
     def tier_rank(self) -> int:
         return tier_rank(self.tier)
 
     @property
-    def sort_key(self) -> tuple[int, float, datetime, str]:
-        """Ascending order is reading order: tier, then score (highest first), arrival, UID."""
-        return (self.tier_rank, -self.score, self.received_at, self.study_uid)
+    def sort_key(self) -> tuple[int, float, float, float, datetime, str]:
+        """Ascending order is reading order: tier, then score (highest first), severity
+        (probability, then volume, highest first), arrival, UID."""
+        probability, volume = self.severity
+        return (
+            self.tier_rank,
+            -self.score,
+            -probability,
+            -volume,
+            self.received_at,
+            self.study_uid,
+        )
 
 
 def _duration(span: timedelta) -> str:
@@ -409,19 +427,27 @@ def compute_priority(signals: StudySignals, *, now: datetime, config: PolicyConf
         tier = higher
         target = config.target(tier, signals.modalities)
     due_at = entered + target
+    # Waiting counts in whole minutes of the clock (rule 5).
+    counted_from = entered.replace(second=0, microsecond=0)
+    counted_to = now.replace(second=0, microsecond=0)
     if now > due_at:
         limit = "already the top tier" if tier is TIERS[0] else "no further escalation"
         overdue.append(f"past {tier} target {_duration(target)} ({limit})")
 
     analysis = _describe_analysis(signals.analysis, bool(flagged))
     notes = [analysis] if analysis else []
+    worst = max(
+        ((finding.probability, finding.volume_ml or 0.0) for finding in flagged),
+        default=(0.0, 0.0),
+    )
     return Priority(
         study_uid=signals.study_uid,
         received_at=signals.received_at,
         tier=tier,
-        score=max(now - entered, timedelta(0)) / target,
+        score=max(counted_to - counted_from, timedelta(0)) / target,
         due_at=due_at,
         reason=_clip("; ".join(overdue + causes + notes)),
+        severity=worst,
     )
 
 
