@@ -31,6 +31,10 @@ class ResultUid(Enum):
     SEG_INSTANCE = "seg-instance"
     SR_SERIES = "sr-series"
     SR_INSTANCE = "sr-instance"
+    KOS_SERIES = "kos-series"
+    KOS_INSTANCE = "kos-instance"
+    REJECTION_SERIES = "rejection-series"
+    REJECTION_INSTANCE = "rejection-instance"
 
 
 def _from_uuid(value: uuid.UUID) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -60,6 +61,20 @@ class AlgorithmIdentity:
         item.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(PROCESSING_ALGORITHM)]
         item.DeviceUID = self.device_uid
         return item
+
+    def equipment(self) -> dict[str, Any]:
+        """The keyword arguments every result object's constructor takes for the equipment
+        that made it: this algorithm (General Equipment, Contributing Equipment, the series'
+        description)."""
+        return {
+            "instance_number": 1,
+            "manufacturer": self.manufacturer,
+            "manufacturer_model_name": self.name,
+            "software_versions": self.version,
+            "device_serial_number": self.device_uid,
+            "series_description": self.name,
+            "contributing_equipment": [self.contributing_equipment()],
+        }
 
 
 @dataclass(frozen=True)

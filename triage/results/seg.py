@@ -86,13 +86,7 @@ def build_segmentation(result: ResultInput) -> hd.seg.Segmentation | None:
         series_instance_uid=result.uid(ResultUid.SEG_SERIES),
         series_number=result.seg_series_number,
         sop_instance_uid=result.uid(ResultUid.SEG_INSTANCE),
-        instance_number=1,
-        manufacturer=identity.manufacturer,
-        manufacturer_model_name=identity.name,
-        software_versions=identity.version,
-        device_serial_number=identity.device_uid,
-        series_description=identity.name,
-        contributing_equipment=[identity.contributing_equipment()],
+        **identity.equipment(),
     )
     _state_series_spacing(segmentation, result.source, sources[0])
     return segmentation

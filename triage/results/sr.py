@@ -220,12 +220,6 @@ def build_sr(
         series_instance_uid=result.uid(ResultUid.SR_SERIES),
         series_number=result.sr_series_number,
         sop_instance_uid=result.uid(ResultUid.SR_INSTANCE),
-        instance_number=1,
-        manufacturer=identity.manufacturer,
         is_complete=True,
-        manufacturer_model_name=identity.name,
-        software_versions=identity.version,
-        device_serial_number=identity.device_uid,
-        series_description=identity.name,
-        contributing_equipment=[identity.contributing_equipment()],
+        **identity.equipment(),
     )
