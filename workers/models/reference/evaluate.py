@@ -92,8 +92,14 @@ def run_cases(
     preprocessing: Preprocessing | None = None,
     postprocessing: Postprocessing | None = None,
     device: torch.device | None = None,
+    noise_scale: float = 1.0,
+    lesion_contrast_hu: float = 0.0,
 ) -> list[Case]:
-    """Generate each seed's phantom (lesion as `has_lesion` says) and predict on it."""
+    """Generate each seed's phantom (lesion as `has_lesion` says) and predict on it.
+
+    `noise_scale` and `lesion_contrast_hu` shift the phantoms away from the training data (see
+    `generate_phantom`), e.g. to check that drift monitoring notices.
+    """
     settings: dict[str, Any] = {}
     if preprocessing is not None:
         settings["preprocessing"] = preprocessing
@@ -101,7 +107,13 @@ def run_cases(
         settings["postprocessing"] = postprocessing
     cases = []
     for seed in seeds:
-        phantom = generate_phantom(seed, lesion=has_lesion(seed), matrix=matrix(seed))
+        phantom = generate_phantom(
+            seed,
+            lesion=has_lesion(seed),
+            matrix=matrix(seed),
+            noise_scale=noise_scale,
+            lesion_contrast_hu=lesion_contrast_hu,
+        )
         prediction = predict(
             phantom.hu, phantom.spacing_mm, net, device or torch.device("cpu"), **settings
         )

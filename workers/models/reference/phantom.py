@@ -179,6 +179,8 @@ def generate_phantom(
     lesion: bool | None = None,
     matrix: int | None = None,
     slices: int | None = None,
+    noise_scale: float = 1.0,
+    lesion_contrast_hu: float = 0.0,
 ) -> Phantom:
     """The phantom of `seed`: same seed, same volume, to the bit.
 
@@ -187,7 +189,18 @@ def generate_phantom(
     noise of the native pixels averaged into the coarser ones (to train fast at low resolution).
     `slices` reconstructs it as that many slices over the same head-to-foot range (thinner or
     thicker slices, the noise as sampled), e.g. a thin-slice series of 300 images.
+
+    Two knobs shift the data away from what the model was trained on (drift tests) and draw no
+    random numbers, so the same seed keeps the same anatomy, lesions and noise pattern:
+    `noise_scale` multiplies the image noise (its sigma, after any `matrix` scaling), and
+    `lesion_contrast_hu` is added to each lesion's density (50-90 HU; negative makes lesions
+    fainter, towards grey matter at about 31-43 HU; `LesionSpec.mean_hu` reports the result).
+    Their defaults leave the phantom bit-identical to one generated without them.
     """
+    if not math.isfinite(noise_scale) or noise_scale < 0:
+        raise ValueError(f"noise_scale must be a finite number >= 0, not {noise_scale}")
+    if not math.isfinite(lesion_contrast_hu):
+        raise ValueError(f"lesion_contrast_hu must be a finite number, not {lesion_contrast_hu}")
     rng = np.random.default_rng(seed)
     head = _sample_head(rng)
     acquisition = _sample_acquisition(rng, head)
@@ -196,10 +209,11 @@ def generate_phantom(
     if slices is not None:
         acquisition = _reslice(acquisition, slices)
     wants_lesion = bool(rng.random() < 0.5) if lesion is None else lesion
-    lesions = _sample_lesions(rng, head) if wants_lesion else []
+    lesions = _sample_lesions(rng, head, lesion_contrast_hu) if wants_lesion else []
     rendered = _Renderer(head, acquisition, lesions, rng).render()
     hu_float = rendered.hu
-    hu_float += rng.standard_normal(hu_float.shape, dtype=np.float32) * acquisition.noise_sigma_hu
+    sigma = acquisition.noise_sigma_hu * noise_scale  # exactly the same sigma at 1.0
+    hu_float += rng.standard_normal(hu_float.shape, dtype=np.float32) * sigma
     hu = np.clip(np.rint(hu_float, out=hu_float), HU_MIN, HU_MAX, out=hu_float).astype(np.int16)
     fraction = rendered.lesion_fraction
     mask = np.zeros(hu.shape, np.uint8) if fraction is None else (fraction >= 0.5).astype(np.uint8)
@@ -338,12 +352,14 @@ def _reslice(acquisition: Acquisition, slices: int) -> Acquisition:
     )
 
 
-def _sample_lesions(rng: np.random.Generator, head: _Head) -> list[_Lesion]:
+def _sample_lesions(
+    rng: np.random.Generator, head: _Head, contrast_hu: float = 0.0
+) -> list[_Lesion]:
     count = 2 if rng.random() < 0.15 else 1
     lesions: list[_Lesion] = []
     for _ in range(count):
         volume_mm3 = 1000 * math.exp(rng.uniform(math.log(1), math.log(60)))
-        hu = rng.uniform(max(50.0, head.grey_hu + 20), 90)
+        hu = rng.uniform(max(50.0, head.grey_hu + 20), 90) + contrast_hu  # x + 0.0 == x
         if rng.random() < 0.5:
             lesions.append(_sample_blob(rng, head, volume_mm3, hu))
         else:

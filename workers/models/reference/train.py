@@ -8,7 +8,8 @@ for speed (noise scaled as if averaged from the native pixels), and put through 
 preprocessing as at inference. A small pool is refreshed by one phantom every other step; each
 step trains on crops from it, most of those from lesion phantoms centred near the lesion. Then the
 traced network picks its operating point on native-resolution studies from the validation range,
-and `model.ts` and `model.json` are written.
+its score reference for drift monitoring is measured on others (`reference_scores`), and
+`model.ts` and `model.json` are written.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
+from triage.drift import FIELD as SCORE_REFERENCE_FIELD
+from triage.drift import ScoreReference
+from workers.models.reference import reference_scores
 from workers.models.reference.evaluate import choose_threshold, metrics, run_cases
 from workers.models.reference.network import (
     POSTPROCESSING,
@@ -145,10 +149,16 @@ def export(net: torch.nn.Module, path: Path) -> torch.nn.Module:
 
 
 def sidecar(
-    *, seed: int, steps: int, out: Path, threshold: float, validation: dict[str, Any]
+    *,
+    seed: int,
+    steps: int,
+    out: Path,
+    threshold: float,
+    validation: dict[str, Any],
+    score_reference: ScoreReference | None = None,
 ) -> dict[str, Any]:
     """The model description the registry reads (see MODEL_CARD.md for the prose)."""
-    return {
+    description: dict[str, Any] = {
         "name": NAME,
         "version": VERSION,
         "format": "torchscript",
@@ -193,6 +203,9 @@ def sidecar(
         "intended_use": "Reference model for testing the pipeline. Synthetic data only; "
         "NOT for clinical use.",
     }
+    if score_reference is not None:
+        description[SCORE_REFERENCE_FIELD] = score_reference.to_sidecar()
+    return description
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -201,6 +214,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=1600)
     parser.add_argument("--validation-count", type=int, default=60)
+    parser.add_argument(
+        "--reference-count",
+        type=int,
+        default=reference_scores.COUNT,
+        help="validation studies for the score reference (0: none; about 2 s each)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     torch.set_num_threads(2)
@@ -219,8 +238,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "specificity": result.specificity,
         "auc": result.auc,
     }
+    reference = None
+    if args.reference_count > 0:
+        first = reference_scores.FIRST_SEED
+        reference = reference_scores.measure(shipped, range(first, first + args.reference_count))
     description = sidecar(
-        seed=args.seed, steps=args.steps, out=args.out, threshold=threshold, validation=validation
+        seed=args.seed,
+        steps=args.steps,
+        out=args.out,
+        threshold=threshold,
+        validation=validation,
+        score_reference=reference,
     )
     (args.out / "model.json").write_text(json.dumps(description, indent=2) + "\n")
     logger.info("validation %s; total %.0f s", validation, time.monotonic() - started)
