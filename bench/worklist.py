@@ -112,7 +112,8 @@ SELECT s.study_uid, s.patient_name, s.patient_id, s.accession_number, s.study_de
        w.reading_state, w.claimed_by, w.claim_expires_at
 FROM worklist_entries w JOIN studies s ON s.id = w.study_id
 WHERE w.reading_state IN ('unread', 'claimed')
-ORDER BY w.tier_rank, w.score DESC, s.first_received_at, s.study_uid
+ORDER BY w.tier_rank, w.score DESC, w.severity_probability DESC, w.severity_volume DESC,
+         s.first_received_at, s.study_uid
 LIMIT %s
 """
 # The model's index for the worklist's order (migration 0004): open entries by tier and score.

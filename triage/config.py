@@ -311,6 +311,19 @@ class Settings(BaseSettings):
     hl7_sending_facility: str = "TRIAGE"
     hl7_receiving_application: str = "RIS"
     hl7_receiving_facility: str = "HOSPITAL"
+    # A critical alert waits this long for an acknowledgment (web page, or POST
+    # /api/studies/{uid}/acknowledge); then it is escalated, once, to the escalation webhook
+    # and/or HL7 destination. 0, or no escalation destination, turns escalation off.
+    alert_acknowledge_seconds: Annotated[float, Field(ge=0)] = 600.0
+    escalation_webhook_url: str = ""
+    escalation_hl7_destination: str = ""
+
+    # Drift monitoring: the population stability index of a model version's study scores over
+    # the last drift_window_days against its sidecar's reference distribution; above the
+    # threshold, with at least drift_min_studies scores, the version is in alarm.
+    drift_psi_threshold: Annotated[float, Field(gt=0)] = 0.25
+    drift_min_studies: Annotated[int, Field(ge=1)] = 100
+    drift_window_days: Annotated[float, Field(gt=0)] = 7
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -34,6 +34,24 @@ class WorkState(enum.StrEnum):
 class ResultKind(enum.StrEnum):
     SEG = "seg"
     SR = "sr"
+    KOS = "kos"  # Key Object Selection: the key slices with the SEG and SR (IHE AI Results)
+    REJECTION = "rejection"  # rejection note withdrawing an earlier run's objects (IHE IOCM)
+
+
+class ModelMode(enum.StrEnum):
+    """How a model version's findings are used (``triage-admin models mode``)."""
+
+    SHADOW = "shadow"  # for admins only: no worklist change, no results, no alerts
+    REVIEW = "review"  # raises the worklist; results and alerts wait for an approval
+    CLINICAL = "clinical"  # raises the worklist, sends results and alerts at once
+
+
+class Verdict(enum.StrEnum):
+    """A reader's verdict on a finding, or on a study the model called negative."""
+
+    AGREE = "agree"
+    DISAGREE = "disagree"
+    UNSURE = "unsure"
 
 
 class Tier(enum.StrEnum):

@@ -30,6 +30,7 @@ from triage.ingest.pipeline import Ingestor
 from triage.ingest.reconcile import reconcile_spool
 from triage.ingest.sweeper import Sweeper
 from triage.metrics import IngestMetrics, count_across_processes
+from triage.monitoring import DriftMonitor
 from triage.notify import Notifier
 from triage.pull.poller import Puller
 from triage.receiver.processes import ReceiverPool
@@ -221,6 +222,7 @@ class TriageService:
                 ("sweeper", self.sweeper.run),
                 ("worklist-clock", WorklistClock(settings, self.session_factory).run),
                 ("notifier", Notifier(settings, self.session_factory).run),
+                ("drift", DriftMonitor(settings, self.session_factory).run),
             )
         ]
         if self.local_workers is not None:

@@ -17,10 +17,12 @@ from __future__ import annotations
 import enum
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydicom.dataset import Dataset
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
@@ -29,13 +31,15 @@ from triage.config import Settings
 from triage.db.base import utcnow
 from triage.db.models import Finding, Instance, Job, Series, Study
 from triage.db.session import session_scope
-from triage.domain import InstanceState, StudyStatus, WorkState
+from triage.domain import InstanceState, ModelMode, ResultKind, StudyStatus, WorkState
 from triage.errors import PermanentError
+from triage.modes import mode_for
 from triage.worklist.service import refresh
 from workers.context import WorkerContext
+from workers.keyimage import render_key_image
 from workers.models.interface import LoadedModel, ModelOutput
 from workers.remote import JobFiles
-from workers.results import build_objects, record_results, result_input
+from workers.results import build_objects, record_results, result_input, retract_superseded
 from workers.volume import (
     SeriesRequirements,
     Volume,
@@ -70,6 +74,7 @@ class Claim:
     model_name: str
     model_version: str
     series: dict[str, list[str]]  # series UID -> file ids of its latest instance versions
+    mode: ModelMode = ModelMode.CLINICAL
 
 
 def claim(db_session: Session, job_id: int) -> Claim | JobOutcome:
@@ -88,6 +93,8 @@ def claim(db_session: Session, job_id: int) -> Claim | JobOutcome:
         job.state = WorkState.RUNNING
         job.started_at = job.touched_at = now
         job.attempts += 1
+        job.mode = mode_for(db_session, job.model_name, job.model_version)
+        job.approved_at = job.approved_by = None  # an approval is for one run's results
     latest = (
         select(Instance.sop_instance_uid, func.max(Instance.version).label("version"))
         .join(Series, Instance.series_id == Series.id)
@@ -108,7 +115,9 @@ def claim(db_session: Session, job_id: int) -> Claim | JobOutcome:
     series: dict[str, list[str]] = {}
     for series_uid, file_id in rows:
         series.setdefault(series_uid, []).append(file_id)
-    return Claim(job.id, job.round, job.study.study_uid, job.model_name, job.model_version, series)
+    return Claim(
+        job.id, job.round, job.study.study_uid, job.model_name, job.model_version, series, job.mode
+    )
 
 
 def choose_series(model: LoadedModel, work: Claim, files: JobFiles) -> tuple[str, list[Path]]:
@@ -254,16 +263,21 @@ def make_results(
     context: WorkerContext, work: Claim, model: LoadedModel, volume: Volume, output: ModelOutput
 ) -> JobOutcome:
     """Build the run's SEG and SR, write them and queue their deliveries; the job's results are
-    then no longer pending. DONE, or SUPERSEDED where a newer round replaced the findings."""
+    then no longer pending. DONE, or SUPERSEDED where a newer round replaced the findings.
+
+    A run in shadow mode gets no objects: its findings are for administrators only."""
     started = time.perf_counter()
     _save_mask(context, work, output)
-    objects, results_error = None, None
+    key_images = _key_images(context, volume, output)
+    objects: dict[ResultKind, Dataset] | None = {}
+    results_error = None
     try:
-        objects = build_objects(
-            result_input(study_uid=work.study_uid, model=model, volume=volume, output=output)
-        )
+        if work.mode != ModelMode.SHADOW:
+            objects = build_objects(
+                result_input(study_uid=work.study_uid, model=model, volume=volume, output=output)
+            )
     except Exception as exc:  # source headers the builders cannot use: findings still count
-        results_error = f"{type(exc).__name__}: {exc}"
+        objects, results_error = None, f"{type(exc).__name__}: {exc}"
         log.warning("result objects not built: %s", results_error, extra={"job_id": work.job_id})
     seconds = time.perf_counter() - started
     delivery_ids: list[int] = []
@@ -271,8 +285,13 @@ def make_results(
         job = session.get(Job, work.job_id)
         if job is None or job.round != work.round or job.state != WorkState.DONE:
             return JobOutcome.SUPERSEDED
+        for finding in job.findings:
+            finding.key_image_ref = key_images.get(finding.ordinal)
         if objects is not None:
-            delivery_ids = record_results(context, session, job, objects)
+            if work.mode != ModelMode.SHADOW:
+                header = volume.datasets[0]
+                delivery_ids = retract_superseded(context, session, job, objects, header)
+                delivery_ids += record_results(context, session, job, objects)
             job.results_pending = False
         else:
             objects_not_built(session, job, str(results_error))
@@ -280,6 +299,36 @@ def make_results(
     for delivery_id in delivery_ids:  # after the commit, so the dispatcher finds the rows
         context.sender.dispatch_result(delivery_id)
     return JobOutcome.DONE
+
+
+def _key_images(context: WorkerContext, volume: Volume, output: ModelOutput) -> dict[int, str]:
+    """A key image per positive segmented finding, kept where the API serves it from: the
+    finding's ordinal -> its file id. Findings that share a segment share the image."""
+    if output.mask is None:
+        return {}
+    header = volume.datasets[0]
+    by_segment: dict[int, str] = {}
+    found = {}
+    for ordinal, finding in enumerate(output.findings):
+        if not (finding.positive and finding.segment):
+            continue
+        if finding.segment not in by_segment:
+            try:
+                image = render_key_image(
+                    volume,
+                    output.mask,
+                    finding.segment,
+                    modality=header.get("Modality") or None,
+                    body_part=header.get("BodyPartExamined") or None,
+                )
+            except ValueError as exc:  # e.g. an empty segment: no picture, the finding stands
+                log.warning("no key image: %s", exc, extra={"segment": finding.segment})
+                continue
+            file_id = uuid.uuid4().hex
+            context.images.keep_key_image(file_id, image.png)
+            by_segment[finding.segment] = file_id
+        found[ordinal] = by_segment[finding.segment]
+    return found
 
 
 def objects_not_built(db_session: Session, job: Job, reason: str) -> None:

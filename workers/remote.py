@@ -66,6 +66,21 @@ class ImageStore:
         if reply.status_code != 204:
             raise RetryableError(f"triage serve refused result {file_id}: HTTP {reply.status_code}")
 
+    def keep_key_image(self, file_id: str, png: bytes) -> None:
+        """Make a key image durable where the API serves it from."""
+        if not self.remote:
+            directory = self.results / "key-images"
+            temporary = directory / "tmp" / f"{file_id}.part"
+            temporary.parent.mkdir(parents=True, exist_ok=True)
+            write_durably(directory / f"{file_id}.png", png, temporary=temporary)
+            return
+        with self._client() as client:
+            reply = _call(client, "PUT", f"/api/results/key-images/{file_id}", content=png)
+        if reply.status_code != 204:
+            raise RetryableError(
+                f"triage serve refused key image {file_id}: HTTP {reply.status_code}"
+            )
+
     @contextmanager
     def result_path(self, file_id: str) -> Iterator[Path]:
         """A readable path to a result file for as long as the block runs."""

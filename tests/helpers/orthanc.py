@@ -25,12 +25,15 @@ import json
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack
+from io import BytesIO
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 import httpx
 import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from tests.conftest import free_port, service_missing
 from tests.helpers.process import port_open, running
@@ -239,6 +242,15 @@ class OrthancPeer(AbstractContextManager["OrthancPeer"]):
                 answer=report,
             )
         return report
+
+    def instance_dataset(self, sop_instance_uid: str) -> Dataset:
+        """The stored instance with this SOP Instance UID, as Orthanc keeps it."""
+        for match in self.request("POST", "/tools/lookup", content=sop_instance_uid):
+            if match.get("Type") == "Instance":
+                answer = self._client.get(f"/instances/{match['ID']}/file")
+                answer.raise_for_status()
+                return dcmread(BytesIO(answer.content))
+        raise OrthancError(f"no instance {sop_instance_uid}", status_code=None, answer=None)
 
     def qido(self, path: str, params: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
         """A QIDO-RS search below the DICOMweb root, e.g. ``qido("studies/1.2.3/instances")``."""

@@ -42,7 +42,7 @@ def test_results_are_series_of_their_study(
             row.sop_instance_uid: (row.series_uid, row.sop_class_uid, row.file_id)
             for row in session.scalars(select(ResultObject))
         }
-    assert len(made) == 2  # a SEG and an SR
+    assert len(made) == 3  # a SEG, an SR and a Key Object Selection
 
     def run(level: Level, *params: tuple[str, str], **fixed: str) -> list[dict[str, Any]]:
         with session_scope(stack.session_factory) as session:
@@ -51,21 +51,21 @@ def test_results_are_series_of_their_study(
 
     series = run(Level.SERIES, StudyInstanceUID=study.study_uid)
     modalities = sorted(row["00080060"]["Value"][0] for row in series)
-    assert modalities == ["CT", "SEG", "SR"]
+    assert modalities == ["CT", "KO", "SEG", "SR"]
     assert {row["0020000E"]["Value"][0] for row in series} >= {s for s, _, _ in made.values()}
     seg = run(Level.INSTANCE, ("SOPClassUID", SEG))
     assert [row["00080018"]["Value"][0] for row in seg] == [
         uid for uid, (_, sop_class, _) in made.items() if sop_class == SEG
     ]
     (found,) = run(Level.STUDY, ("StudyInstanceUID", study.study_uid))
-    assert found["00201206"]["Value"] == [3]  # the CT series, the SEG's and the SR's
-    assert found["00201208"]["Value"] == [len(study.paths) + 2]
+    assert found["00201206"]["Value"] == [4]  # the CT series, the SEG's, the SR's, the KOS's
+    assert found["00201208"]["Value"] == [len(study.paths) + 3]
     assert run(Level.SERIES, ("Modality", "SR"), StudyInstanceUID=study.study_uid)
 
     with session_scope(stack.session_factory) as session:
         held = instances(session, stack.spool, settings.data_dir / "results", study.study_uid)
     results = [item for item in held if item.sop_instance_uid in made]
-    assert [item.sop_instance_uid for item in held[-2:]] == [r.sop_instance_uid for r in results]
+    assert [item.sop_instance_uid for item in held[-3:]] == [r.sop_instance_uid for r in results]
     for item in results:
         _, _, file_id = made[item.sop_instance_uid]
         assert item.path == settings.data_dir / "results" / f"{file_id}.dcm"

@@ -35,6 +35,7 @@ pytestmark = pytest.mark.slow
 LESION_SEED = 100_011  # from the reference model's test range: a lesion it finds
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage (PS3.4 B.5)
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR Storage
+KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
 
 
 def queued_job(settings: Settings, stack: IngestStack, tmp_path: Path) -> tuple[str, int]:
@@ -103,10 +104,10 @@ def test_the_worklist_turns_critical_before_the_seg_and_sr_exist(
     assert outcomes == [JobOutcome.DONE]
     record = client.get(f"/api/studies/{study_uid}").json()
     assert record["worklist"]["tier"] == "critical"
-    assert sorted(result["kind"] for result in record["results"]) == ["seg", "sr"]
+    assert sorted(result["kind"] for result in record["results"]) == ["kos", "seg", "sr"]
     with session_scope(stack.session_factory) as session:
         classes = session.scalars(select(ResultObject.sop_class_uid)).all()
-        assert sorted(classes) == sorted([SEG, COMPREHENSIVE_3D_SR])
+        assert sorted(classes) == sorted([SEG, COMPREHENSIVE_3D_SR, KEY_OBJECT_SELECTION])
         done = session.get(Job, job_id)
         assert done is not None
         assert done.results_pending is False
@@ -163,7 +164,7 @@ def test_a_worker_lost_before_the_results_leaves_a_job_the_sweeper_sends_again(
         assert job is not None
         assert job.results_pending is False
         assert job.attempts == 1  # the second run was for the objects, not a retry
-        assert len(session.scalars(select(ResultObject)).all()) == 2
+        assert len(session.scalars(select(ResultObject)).all()) == 3  # SEG, SR, KOS
     # Now settled: a third delivery of the task changes nothing.
     assert analyze(WorkerContext(settings), job_id) == JobOutcome.ALREADY_DONE
     assert sweeper.sweep(now=later) == []

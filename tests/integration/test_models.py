@@ -80,6 +80,8 @@ def test_models_list_reports_each_model_and_why_one_fails(data_dir: Path, tmp_pa
         "TRIAGE_MODELS_DIR": str(models_dir),
         "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
     }
+    upgrade = [str(VENV_BIN / "triage-admin"), "db", "upgrade"]
+    subprocess.run(upgrade, env=env, capture_output=True, timeout=300, check=True)
     result = subprocess.run(
         [str(VENV_BIN / "triage-admin"), "models", "list", "--json"],
         env=env,
@@ -93,6 +95,7 @@ def test_models_list_reports_each_model_and_why_one_fails(data_dir: Path, tmp_pa
     assert statuses["cxr-densenet"]["state"] == "loaded"
     assert statuses["cxr-densenet"]["device"] == "cpu"
     assert statuses["cxr-densenet"]["applies_to"] == "CR/DX CHEST"
+    assert statuses["cxr-densenet"]["mode"] == "clinical"  # no mode set: the default
     assert statuses["broken"]["state"] == "error"
     assert "gone.ts" in statuses["broken"]["error"]
     assert statuses["fixed-latency"]["state"] == "loaded"

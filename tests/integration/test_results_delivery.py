@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow
 orthanc_factory = peers.orthanc_factory
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
+KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 
 
@@ -46,7 +47,7 @@ def result_uids(orthanc: OrthancPeer, study_uid: str) -> dict[str, str]:
     found = {}
     for instance in orthanc.qido(f"studies/{study_uid}/instances"):
         sop_class = instance["00080016"]["Value"][0]
-        if sop_class in (SEG, COMPREHENSIVE_3D_SR):
+        if sop_class in (SEG, COMPREHENSIVE_3D_SR, KEY_OBJECT_SELECTION):
             found[instance["00080018"]["Value"][0]] = sop_class
     return found
 
@@ -82,11 +83,11 @@ def test_seg_and_sr_reach_the_pacs_by_c_store_and_stow_rs(
         }
     )
     study_uid, factory, context = run_study(settings, stack_factory, tmp_path, [by_dimse, by_web])
-    assert len(delivery_ids(factory)) == 4  # SEG and SR, to each destination
+    assert len(delivery_ids(factory)) == 6  # SEG, SR and KOS, to each destination
     deliver_all(context, factory)
     with session_scope(factory) as session:
         ours = {r.sop_instance_uid: r.sop_class_uid for r in session.scalars(select(ResultObject))}
-    assert sorted(ours.values()) == sorted([SEG, COMPREHENSIVE_3D_SR])
+    assert sorted(ours.values()) == sorted([SEG, COMPREHENSIVE_3D_SR, KEY_OBJECT_SELECTION])
     assert result_uids(by_dimse, study_uid) == ours
     assert result_uids(by_web, study_uid) == ours
     assert deliver_again_is_a_no_op(context, factory)
@@ -113,7 +114,7 @@ def test_pacs_outage_backs_off_then_delivers_once_and_reprocess_keeps_uids(
     study_uid, factory, context = run_study(settings, stack_factory, tmp_path, [pacs])
     sources = len(pacs.qido(f"studies/{study_uid}/instances"))
     pacs.stop()
-    first, second = delivery_ids(factory)
+    first, second, third = delivery_ids(factory)
     failed = dispatch(context, first)
     assert failed.state == "retrying"
     assert failed.retry_in is not None
@@ -124,11 +125,14 @@ def test_pacs_outage_backs_off_then_delivers_once_and_reprocess_keeps_uids(
     assert paused.state == "paused"
     assert paused.retry_in is not None
     assert paused.retry_in > 20
+    assert dispatch(context, third).state == "paused"
     with session_scope(factory) as session:
         attempts = {
             d.id: (d.attempts, d.state, d.last_error) for d in session.scalars(select(Delivery))
         }
-    assert all(a == 1 and s == WorkState.QUEUED and e for a, s, e in attempts.values())
+    assert all(s == WorkState.QUEUED for _, s, _ in attempts.values())
+    assert all(attempts[i][0] == 1 and attempts[i][2] for i in (first, second))
+    assert attempts[third][0] == 0
 
     pacs.start()
     with session_scope(factory) as session:  # the pause runs out
@@ -136,8 +140,8 @@ def test_pacs_outage_backs_off_then_delivers_once_and_reprocess_keeps_uids(
         state.paused_until = utcnow()
     deliver_all(context, factory)
     held = result_uids(pacs, study_uid)
-    assert len(held) == 2
-    assert len(pacs.qido(f"studies/{study_uid}/instances")) == sources + 2
+    assert len(held) == 3
+    assert len(pacs.qido(f"studies/{study_uid}/instances")) == sources + 3
 
     # Reprocess: a new round rewrites the same objects and delivers them again, same UIDs.
     job_ids = reprocess_by_uid(
@@ -150,4 +154,4 @@ def test_pacs_outage_backs_off_then_delivers_once_and_reprocess_keeps_uids(
     assert analyze(context, job_ids[0]) == "done"
     deliver_all(context, factory)
     assert result_uids(pacs, study_uid) == held
-    assert len(pacs.qido(f"studies/{study_uid}/instances")) == sources + 2
+    assert len(pacs.qido(f"studies/{study_uid}/instances")) == sources + 3

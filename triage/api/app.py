@@ -21,6 +21,7 @@ from triage.broker import TaskSender
 from triage.config import Settings
 from triage.db.session import SessionFactory, session_scope
 from triage.ingest.pipeline import Ingestor
+from triage.monitoring import ModelStatsCollector
 from triage.storage.spool import Spool
 
 
@@ -51,10 +52,11 @@ def create_app(
     app.state.ingestor = ingestor
     app.state.spool = ingestor.spool if ingestor is not None else Spool.for_settings(settings)
     app.state.on_request_end = on_request_end
+    registry.register(ModelStatsCollector(settings, session_factory))
     app.include_router(router)
     app.include_router(dicomweb.router)
     app.include_router(results.router)
-    page = files("triage.api").joinpath("static/worklist.html").read_text()
+    static = files("triage.api").joinpath("static")
 
     @app.get(
         "/healthz",
@@ -80,6 +82,13 @@ def create_app(
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def worklist_page() -> HTMLResponse:
         """The web worklist; it asks for a token and keeps it in the browser."""
+        page = static.joinpath("worklist.html").read_text()
+        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
+
+    @app.get("/admin", response_class=HTMLResponse, include_in_schema=False)
+    def admin_page() -> HTMLResponse:
+        """The administrators' page: model monitoring and drift alarms (admin token)."""
+        page = static.joinpath("admin.html").read_text()
         return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
     return app

@@ -30,7 +30,9 @@ def settings(request: Request) -> Settings:
     return value
 
 
-DbSession = Annotated[Session, Depends(db_session)]
+# scope="function": the session commits before the response is sent, so a client that reads
+# right after a change sees it.
+DbSession = Annotated[Session, Depends(db_session, scope="function")]
 AppSettings = Annotated[Settings, Depends(settings)]
 
 

@@ -27,10 +27,43 @@ router = APIRouter(prefix="/api/results", tags=["workers"])
 FileId = Annotated[str, PathParam(pattern="^[0-9a-f]{32}$", description="The result's file id.")]
 MAX_RESULT_BYTES = 1 << 30
 """The largest result file taken (a SEG of a very large volume stays far below)."""
+MAX_KEY_IMAGE_BYTES = 16 << 20
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def results_dir(settings: Settings) -> Path:
     return settings.data_dir / "results"
+
+
+def key_images_dir(settings: Settings) -> Path:
+    """Where the key images (PNG previews of positive findings) are kept."""
+    return settings.data_dir / "results" / "key-images"
+
+
+@router.put(
+    "/key-images/{file_id}",
+    status_code=204,
+    response_class=Response,
+    responses={400: {"description": "Not a PNG image."}, 413: {"description": "Too large."}},
+)
+async def put_key_image(request: Request, caller: WorkerCaller, file_id: FileId) -> Response:
+    """Keep a key image a worker rendered (durable before the answer)."""
+    data = await request.body()
+    if len(data) > MAX_KEY_IMAGE_BYTES:
+        return JSONResponse({"detail": "key image too large"}, status_code=413)
+    if not data.startswith(PNG_SIGNATURE):
+        return JSONResponse({"detail": "not a PNG image"}, status_code=400)
+    directory = key_images_dir(request.app.state.settings)
+    (directory / "tmp").mkdir(parents=True, exist_ok=True)
+    await run_in_threadpool(
+        write_durably,
+        directory / f"{file_id}.png",
+        data,
+        temporary=directory / "tmp" / f"{file_id}.part",
+    )
+    return Response(status_code=204)
 
 
 @router.put(

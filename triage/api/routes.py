@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -22,15 +22,28 @@ from triage.api.deps import (
     AppSettings,
     DbSession,
 )
-from triage.api.schemas import Problem, ReadingStatus, Reprocessing
+from triage.api.results import key_images_dir
+from triage.api.schemas import (
+    Acknowledgment,
+    ApprovalResult,
+    FeedbackRequest,
+    Problem,
+    ReadingStatus,
+    Reprocessing,
+)
 from triage.db.base import utcnow
-from triage.db.models import WorklistEntry
+from triage.db.models import Study, WorklistEntry
 from triage.db.session import session_scope
+from triage.destinations import destinations
 from triage.domain import ReadingState, Tier, TokenRole
+from triage.feedback import FeedbackError, FeedbackInput, UnknownStudy, acknowledge, add_feedback
 from triage.ingest.reprocess import ReprocessError, reprocess_by_uid
+from triage.monitoring import model_stats
+from triage.review import approve
 from triage.worklist import reading
-from triage.worklist.queries import study_record, worklist
-from triage.worklist.records import StudyRecord, TargetMinutes, WorklistPage
+from triage.worklist.queries import feedback_record, key_image_findings, study_record, worklist
+from triage.worklist.records import FeedbackRecord, StudyRecord, TargetMinutes, WorklistPage
+from triage.worklist.service import refresh
 
 router = APIRouter(prefix="/api", tags=["worklist"])
 
@@ -75,12 +88,117 @@ def get_worklist(
 
 
 @router.get("/studies/{study_uid}", responses={404: {"model": Problem}})
-def get_study(study_uid: str, caller: AnyCaller, session: DbSession) -> StudyRecord:
-    """A study's whole record: jobs, findings, result objects, deliveries, priority history."""
-    record = study_record(db_session=session, study_uid=study_uid)
+def get_study(
+    study_uid: str, caller: AnyCaller, session: DbSession, settings: AppSettings
+) -> StudyRecord:
+    """A study's whole record: jobs, findings, result objects, deliveries, priority history and
+    feedback. Runs made in shadow mode are shown to administrators only."""
+    record = study_record(
+        db_session=session,
+        study_uid=study_uid,
+        include_shadow=caller.role == TokenRole.ADMIN,
+        viewer_url_template=settings.viewer_url_template,
+    )
     if record is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such study")
     return record
+
+
+def _study(session: Session, study_uid: str) -> Study:
+    study = session.scalar(select(Study).where(Study.study_uid == study_uid))
+    if study is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such study")
+    return study
+
+
+@router.get(
+    "/studies/{study_uid}/key-image",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"image/png": {}}, "description": "A non-diagnostic PNG preview."},
+        404: {"model": Problem},
+    },
+)
+def get_key_image(
+    study_uid: str,
+    caller: AnyCaller,
+    session: DbSession,
+    settings: AppSettings,
+    finding: Annotated[
+        int | None, Query(description="A finding id (default: the most significant).")
+    ] = None,
+) -> FileResponse:
+    """The key image of the study's most significant positive finding (or of ``finding``): the
+    slice through it, windowed, its outline drawn, captioned "AI preview - not for diagnosis"."""
+    study = _study(session, study_uid)
+    found = key_image_findings(session, study, include_shadow=caller.role == TokenRole.ADMIN)
+    if finding is not None:
+        found = [f for f in found if f.id == finding]
+    if not found or found[0].key_image_ref is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no key image")
+    path = key_images_dir(settings) / f"{found[0].key_image_ref}.png"
+    if not path.is_file():
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "key image file missing")
+    return FileResponse(
+        path, media_type="image/png", headers={"Cache-Control": "private, max-age=60"}
+    )
+
+
+@router.post(
+    "/studies/{study_uid}/feedback",
+    status_code=status.HTTP_201_CREATED,
+    responses={404: {"model": Problem}, 422: {"model": Problem}},
+)
+def post_feedback(
+    study_uid: str, body: FeedbackRequest, caller: AnyCaller, session: DbSession
+) -> FeedbackRecord:
+    """A reader's verdict on a finding (``finding``: its id) or on the study (null, e.g. a
+    finding the model missed): agree, disagree or unsure, with an optional comment."""
+    given = FeedbackInput(
+        finding=body.finding, verdict=body.verdict, comment=body.comment, reader=caller.name
+    )
+    try:
+        row = add_feedback(session, study_uid=study_uid, given=given)
+    except UnknownStudy as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
+    except FeedbackError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
+    return feedback_record(row)
+
+
+@router.post("/studies/{study_uid}/acknowledge", responses={404: {"model": Problem}})
+def post_acknowledge(study_uid: str, caller: AnyCaller, session: DbSession) -> Acknowledgment:
+    """Acknowledge the study's critical alert, so that it is not escalated."""
+    try:
+        entry = acknowledge(session, study_uid=study_uid, reader=caller.name)
+    except UnknownStudy as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
+    assert entry.acknowledged_at is not None
+    return Acknowledgment(
+        acknowledged_at=entry.acknowledged_at.isoformat(), acknowledged_by=caller.name
+    )
+
+
+@router.post("/studies/{study_uid}/approve", responses={404: {"model": Problem}})
+def post_approve(
+    study_uid: str, caller: AnyCaller, request: Request, settings: AppSettings
+) -> ApprovalResult:
+    """Approve the study's runs held for review: their SEG, SR and key-object document go to
+    every destination, and their critical alerts go out. Approving again does nothing."""
+    with session_scope(request.app.state.session_factory) as session:
+        study = _study(session, study_uid)
+        approval = approve(
+            session,
+            study=study,
+            targets=destinations(settings, db_session=session),
+            actor=caller.name,
+        )
+        if approval.jobs:
+            session.flush()
+            refresh(db_session=session, study=study, settings=settings)
+    for delivery_id in approval.deliveries:  # after the commit, so the dispatcher finds them
+        request.app.state.sender.dispatch_result(delivery_id)
+    return ApprovalResult(approved_jobs=approval.jobs, queued_deliveries=approval.deliveries)
 
 
 _READING_ERRORS: dict[type[reading.ReadingError], int] = {
@@ -205,3 +323,16 @@ async def events(request: Request, caller: AnyCaller) -> StreamingResponse:
     return StreamingResponse(
         stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
     )
+
+
+@router.get("/models/stats", tags=["models"])
+def get_model_stats(
+    caller: AdminCaller,
+    session: DbSession,
+    settings: AppSettings,
+    days: Annotated[int, Query(ge=1, le=365)] = 30,
+) -> list[dict[str, Any]]:
+    """Per model version, by day and in total: studies analysed, positive and alert rates,
+    feedback and agreement, a PPV estimate, failures, median run time; and the drift of its
+    scores (PSI against the sidecar's reference) with its alarm. Administrators only."""
+    return [item.as_json() for item in model_stats(session, settings, days=days)]

@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from triage.db.models import WorklistEntry
-from triage.domain import ReadingState
+from triage.domain import ReadingState, Verdict
 
 
 class ReadingStatus(BaseModel):
@@ -52,3 +52,25 @@ class Problem(BaseModel):
     """An error: FastAPI's ``{"detail": ...}``."""
 
     detail: str
+
+
+class FeedbackRequest(BaseModel):
+    """A reader's verdict on one finding, or on the study (``finding`` null: e.g. a miss)."""
+
+    finding: int | None = Field(default=None, description="A finding id from the study record.")
+    verdict: Verdict
+    comment: str | None = Field(default=None, description="Free text, shown as text only.")
+
+
+class Acknowledgment(BaseModel):
+    """Who acknowledged the study's critical alert, and when."""
+
+    acknowledged_at: str
+    acknowledged_by: str
+
+
+class ApprovalResult(BaseModel):
+    """The runs an approval released, and the deliveries it queued."""
+
+    approved_jobs: list[int]
+    queued_deliveries: list[int]

@@ -20,10 +20,10 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 from sqlalchemy import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from triage.broker import TaskSender, broker_url, queue_depths
-from triage.cli import peers, reading, sources
+from triage.cli import loop, peers, reading, sources
 from triage.cli.common import ConfigOption, JsonOption, err_console, exit_with_error, load_settings
 from triage.db import migrate
 from triage.db.session import create_db_engine, make_session_factory, session_scope
@@ -33,6 +33,7 @@ from triage.ingest.pipeline import Ingestor
 from triage.ingest.reprocess import ReprocessError, reprocess_by_uid
 from triage.ingest.sources import import_sources
 from triage.metrics import IngestMetrics
+from triage.modes import mode_for
 from triage.status import StatusReport, collect_status
 from triage.storage.spool import Spool
 
@@ -177,7 +178,7 @@ app.add_typer(models_app, name="models")
 def models_list(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Every model found (bundled and in models_dir): version, what it applies to, the device it
     runs on and whether it loads. Loads each model once, as a worker would."""
-    load_settings(config)  # one clear line, exit 2, on a bad configuration
+    settings = load_settings(config)  # one clear line, exit 2, on a bad configuration
     env = dict(os.environ)
     if config is not None:
         env["TRIAGE_CONFIG"] = str(config)
@@ -192,17 +193,30 @@ def models_list(config: ConfigOption = None, as_json: JsonOption = False) -> Non
     if result.returncode != 0:
         exit_with_error(f"could not load the models: {result.stderr.strip().splitlines()[-1:]}")
     statuses = json.loads(result.stdout)
+    try:
+        with session_scope(make_session_factory(create_db_engine(settings.database_url))) as s:
+            for status in statuses:
+                status["mode"] = str(mode_for(s, status["name"], status["version"] or ""))
+    except SQLAlchemyError as exc:
+        err_console.print(
+            f"[yellow]warning:[/] modes unknown: the database cannot be read "
+            f"({type(exc).__name__}); run `triage-admin db upgrade`",
+            soft_wrap=True,
+        )
+        for status in statuses:
+            status["mode"] = None
     if as_json:
         print(json.dumps(statuses, indent=2))
         return
     table = Table(title="models")
-    for column in ("name", "version", "format", "applies to", "device", "state"):
-        table.add_column(column)
+    for column in ("name", "version", "mode", "format", "applies to", "device", "state"):
+        table.add_column(column, no_wrap=column in ("name", "version"))
     for status in statuses:
         state = status["state"] if not status["error"] else f"error: {status['error']}"
         table.add_row(
             status["name"],
             status["version"] or "",
+            status["mode"] or "?",
             status["format"] or "",
             status["applies_to"],
             status["device"] or "",
@@ -295,5 +309,6 @@ def failures_retry(
 
 
 reading.register(app)
+loop.register(app, models_app)
 peers.register(app)
 sources.register(app)

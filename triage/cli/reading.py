@@ -97,21 +97,37 @@ def study_show(
     )
     if (w := record.worklist) is not None:
         console.print(f"worklist: {w.tier} {w.reading_state} - {w.reason}")
+        if w.acknowledged_by:
+            console.print(f"alert acknowledged by {w.acknowledged_by} at {w.acknowledged_at}")
     for job in record.jobs:
+        mode = (
+            ""
+            if job.mode == "clinical"
+            else f" [{job.mode}{', held for review' if job.held else ''}]"
+        )
         console.print(
-            f"job {job.id} {job.model} {job.version}: {job.state}"
+            f"job {job.id} {job.model} {job.version}: {job.state}{mode}"
             + (f" ({job.reason})" if job.reason else "")
         )
         for f in job.findings:
             volume = f" {f.volume_ml:.1f} mL" if f.volume_ml else ""
+            image = " (key image)" if f.key_image_url else ""
             console.print(
-                f"  {f.kind} {f.label}: p={f.probability:.3f}"
-                f" {'positive' if f.positive else 'negative'}{volume}"
+                f"  finding {f.id} {f.kind} {f.label}: p={f.probability:.3f}"
+                f" {'positive' if f.positive else 'negative'}{volume}{image}"
             )
+    for r in record.results:
+        withdrawn = f" (withdrawn {r.retracted_at})" if r.retracted_at else ""
+        console.print(f"result {r.kind} {r.sop_instance_uid}{withdrawn}")
     for d in record.deliveries:
         console.print(f"delivery {d.id} {d.result} -> {d.destination}: {d.state}")
     for h in record.priority_history:
         console.print(f"{h.at}: {h.reason}")
+    for fb in record.feedback:
+        target = f"finding {fb.finding}" if fb.finding is not None else "study"
+        console.print(f"feedback {fb.at} {fb.reader} on {target}: {fb.verdict}")
+        if fb.comment:
+            console.print(f"  {fb.comment}", markup=False)
 
 
 @tokens_app.command("create")

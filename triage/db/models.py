@@ -28,12 +28,14 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 from triage.db.base import Base, UTCDateTime, enum_type, utcnow
 from triage.domain import (
     InstanceState,
+    ModelMode,
     PeerKind,
     ReadingState,
     ResultKind,
     StudyStatus,
     Tier,
     TokenRole,
+    Verdict,
     WorkState,
 )
 
@@ -138,6 +140,13 @@ class Job(Base):
     timings: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
     # Findings stored, SEG and SR not yet recorded: the sweeper re-sends a job left so.
     results_pending: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # The model version's mode when the job ran; a review job's results and alerts wait for
+    # an approval.
+    mode: Mapped[ModelMode] = mapped_column(
+        enum_type(ModelMode), default=ModelMode.CLINICAL, server_default=ModelMode.CLINICAL.value
+    )
+    approved_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    approved_by: Mapped[str | None] = mapped_column(String(64))
     queued_at: Mapped[datetime] = _created()
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -169,6 +178,8 @@ class Finding(Base):
     volume_ml: Mapped[float | None] = mapped_column(Float)
     location: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     mask_ref: Mapped[str | None] = mapped_column(String(255))
+    # The PNG preview of a positive finding, in the data directory's key-images folder.
+    key_image_ref: Mapped[str | None] = mapped_column(String(255))
 
     job: Mapped[Job] = relationship(back_populates="findings")
 
@@ -188,6 +199,8 @@ class ResultObject(Base):
     file_id: Mapped[str] = mapped_column(String(36), unique=True)
     round: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = _created()
+    # Withdrawn by a rejection note after a later run no longer found what this one reported.
+    retracted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     job: Mapped[Job] = relationship(back_populates="results")
     deliveries: Mapped[list[Delivery]] = relationship(
@@ -262,6 +275,12 @@ class WorklistEntry(Base):
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     claim_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     read_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The most severe critical finding (probability, then volume): orders a tier's studies
+    # that have waited equally long.
+    severity_probability: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    severity_volume: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    acknowledged_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    acknowledged_by: Mapped[str | None] = mapped_column(String(64))
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
 
@@ -386,3 +405,45 @@ class PulledStudy(Base):
     study_uid: Mapped[str] = mapped_column(UID)
     instances: Mapped[int] = mapped_column(Integer)
     pulled_at: Mapped[datetime] = _created()
+
+
+ALL_VERSIONS = "*"
+"""``ModelModeSetting.model_version`` for a mode that applies to every version of a model."""
+
+
+class ModelModeSetting(Base):
+    """The deployment mode an administrator gave a model version (``models mode``); a version
+    without a row of its own takes its model's ``*`` row, and without that is clinical."""
+
+    __tablename__ = "model_modes"
+    __table_args__ = (UniqueConstraint("model_name", "model_version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(32))
+    mode: Mapped[ModelMode] = mapped_column(enum_type(ModelMode))
+    changed_at: Mapped[datetime] = _created()
+    changed_by: Mapped[str | None] = mapped_column(String(64))
+
+
+class Feedback(Base):
+    """A reader's verdict on one finding, or on the study (``finding_id`` empty: a miss).
+
+    The finding's model, label, probability and call are copied, so the verdict still counts
+    for its model version after a re-run replaced the finding.
+    """
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    finding_id: Mapped[int | None] = mapped_column(ForeignKey("findings.id", ondelete="SET NULL"))
+    model_name: Mapped[str | None] = mapped_column(String(64))
+    model_version: Mapped[str | None] = mapped_column(String(32))
+    label: Mapped[str | None] = mapped_column(String(64))
+    probability: Mapped[float | None] = mapped_column(Float)
+    positive: Mapped[bool | None] = mapped_column(Boolean)
+    verdict: Mapped[Verdict] = mapped_column(enum_type(Verdict))
+    comment: Mapped[str | None] = mapped_column(Text)
+    reader: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)

@@ -306,7 +306,11 @@ def _statement(query: Query) -> Select[Any]:
 
 
 _STORED = Instance.state == InstanceState.STORED
-_RESULT_MODALITY = case((ResultObject.kind == ResultKind.SEG, "SEG"), else_="SR")
+_RESULT_MODALITY = case(
+    (ResultObject.kind == ResultKind.SEG, "SEG"),
+    (ResultObject.kind == ResultKind.SR, "SR"),
+    else_="KO",
+)
 _RESULT_COLUMNS: dict[str, Any] = {
     "SeriesInstanceUID": ResultObject.series_uid,
     "Modality": _RESULT_MODALITY,

@@ -276,7 +276,21 @@ def read_ack(answer: bytes, control_id: str) -> AckCode:
 
 @channel("hl7", destination=lambda settings: settings.hl7_destination)
 def send_hl7(settings: Settings, message: Outgoing, *, timeout: float) -> None:
-    host, port = parse_destination(settings.hl7_destination)
+    send_to(settings, settings.hl7_destination, message, timeout=timeout)
+
+
+@channel(
+    "escalation-hl7",
+    destination=lambda settings: settings.escalation_hl7_destination,
+    escalation=True,
+)
+def send_escalation_hl7(settings: Settings, message: Outgoing, *, timeout: float) -> None:
+    """The same ORU^R01 to ``escalation_hl7_destination``, for an unacknowledged alert."""
+    send_to(settings, settings.escalation_hl7_destination, message, timeout=timeout)
+
+
+def send_to(settings: Settings, destination: str, message: Outgoing, *, timeout: float) -> None:
+    host, port = parse_destination(destination)
     control_id = message_control_id(message)
     text = build_oru(settings, message)
     try:

@@ -31,18 +31,21 @@ from typing import Any, Protocol, cast
 from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
+from triage import history
 from triage.audit import add_event
 from triage.config import Settings
 from triage.db.base import utcnow
-from triage.db.models import Notification, Study
+from triage.db.models import Notification, Study, WorklistEntry
 from triage.db.session import SessionFactory, session_scope
-from triage.domain import WorkState
+from triage.domain import ReadingState, WorkState
 from triage.errors import PermanentError, RetryableError
 from triage.retry import Backoff
 
 log = logging.getLogger(__name__)
 
 FAILED_EVENT = "notification_failed"
+# Alerts older than this are not escalated any more (e.g. after escalation was switched on).
+ESCALATION_WINDOW = timedelta(days=1)
 DEFAULT_TIMEOUT_SECONDS = 10.0
 # A claimed row whose sender died is due again after this; far above any send's timeout.
 RUNNING_LEASE = timedelta(minutes=5)
@@ -85,27 +88,32 @@ class Channel:
     name: str
     send: ChannelSender
     destination: Callable[[Settings], str]
+    escalation: bool = False  # sends escalations of unacknowledged alerts, not first alerts
 
 
 _CHANNELS: dict[str, Channel] = {}
 
 
 def channel(
-    name: str, *, destination: Callable[[Settings], str]
+    name: str, *, destination: Callable[[Settings], str], escalation: bool = False
 ) -> Callable[[ChannelSender], ChannelSender]:
-    """Register the decorated function as the sender of notifications on channel ``name``."""
+    """Register the decorated function as the sender of notifications on channel ``name``
+    (``escalation``: of escalations of unacknowledged alerts)."""
 
     def register(sender: ChannelSender) -> ChannelSender:
         if name in _CHANNELS:
             raise RuntimeError(f"a sender for channel {name!r} is already registered")
-        _CHANNELS[name] = Channel(name=name, send=sender, destination=destination)
+        _CHANNELS[name] = Channel(
+            name=name, send=sender, destination=destination, escalation=escalation
+        )
         return sender
 
     return register
 
 
-def registered_channels() -> Mapping[str, Channel]:
-    return dict(_CHANNELS)
+def registered_channels(*, escalation: bool = False) -> Mapping[str, Channel]:
+    """The channels first alerts go on; with ``escalation``, those escalations go on."""
+    return {name: c for name, c in _CHANNELS.items() if c.escalation == escalation}
 
 
 @dataclass(frozen=True)
@@ -164,9 +172,15 @@ class Notifier:
     def run(self, stopping: threading.Event) -> None:
         while not stopping.wait(self.poll_seconds):
             try:
+                self.escalate_due()
                 self.send_due()
             except Exception:  # keep polling: the rows are still owed, the next pass retries
                 log.exception("notification pass failed")
+
+    def escalate_due(self, now: datetime | None = None) -> int:
+        """Owe an escalation for each critical alert unacknowledged past its time."""
+        with session_scope(self.session_factory) as session:
+            return escalate_unacknowledged(session, self.settings, now or utcnow())
 
     def _due(self, now: datetime) -> list[int]:
         with session_scope(self.session_factory) as session:
@@ -262,6 +276,77 @@ class Notifier:
                     wait.total_seconds(),
                     extra=_context(message),
                 )
+
+
+def escalate_unacknowledged(db_session: Session, settings: Settings, now: datetime) -> int:
+    """Critical alerts of the studies' current rounds that nobody acknowledged within
+    ``alert_acknowledge_seconds`` each owe one message per escalation channel; the escalation
+    is recorded in the study's priority history. Returns how many studies were escalated."""
+    wait = settings.alert_acknowledge_seconds
+    channels = [
+        name
+        for name, spec in registered_channels(escalation=True).items()
+        if spec.destination(settings)
+    ]
+    if wait <= 0 or not channels:
+        return 0
+    first = tuple(registered_channels())
+    cutoff = now - timedelta(seconds=wait)
+    rows = db_session.execute(
+        select(Notification, Study, WorklistEntry)
+        .join(Study, Study.id == Notification.study_id)
+        .join(WorklistEntry, WorklistEntry.study_id == Study.id)
+        .where(
+            Notification.channel.in_(first),
+            Notification.created_at <= cutoff,
+            Notification.created_at > cutoff - ESCALATION_WINDOW,
+            WorklistEntry.reading_state != ReadingState.READ,
+        )
+        .order_by(Notification.id)
+    )
+    escalated: set[str] = set()
+    for alert, study, entry in rows:
+        round_ = alert.payload.get("round", study.analysis_round)
+        if round_ != study.analysis_round:
+            continue  # a re-run since: its own alerts count
+        if entry.acknowledged_at is not None and entry.acknowledged_at >= alert.created_at:
+            continue
+        keys = {name: f"{name}:{study.study_uid}:{round_}" for name in channels}
+        owed = set(keys.values()) - set(
+            db_session.scalars(
+                select(Notification.dedup_key).where(Notification.dedup_key.in_(keys.values()))
+            )
+        )
+        if not owed or study.study_uid in escalated:
+            continue
+        payload = {**alert.payload, "escalated": True, "unacknowledged_seconds": round(wait)}
+        for name, key in keys.items():
+            if key in owed:
+                db_session.add(
+                    Notification(
+                        channel=name,
+                        study_id=study.id,
+                        dedup_key=key,
+                        payload=payload,
+                        created_at=now,
+                        next_attempt_at=now,
+                    )
+                )
+        reason = f"critical alert not acknowledged within {wait:g} s: escalated to " + ", ".join(
+            sorted(channels)
+        )
+        history.note(db_session, entry, at=now, reason=reason)
+        add_event(
+            db_session=db_session,
+            kind="alert_escalated",
+            study_uid=study.study_uid,
+            channels=sorted(channels),
+            round=round_,
+        )
+        log.warning("critical alert escalated", extra={"study_uid": study.study_uid})
+        escalated.add(study.study_uid)
+        db_session.flush()
+    return len(escalated)
 
 
 def _audit_failure(session: Session, message: Outgoing, row: Notification) -> None:

@@ -26,16 +26,17 @@ from triage.errors import DestinationUnavailableError, PermanentError
 from triage.notify.notifier import Outgoing, channel
 
 EVENT = "critical_finding"
+ESCALATION_EVENT = "critical_finding_unacknowledged"
 SIGNATURE_HEADER = "X-Triage-Signature"
 DELIVERY_HEADER = "X-Triage-Delivery"
 RETRYABLE_STATUSES = frozenset({408, 429})
 
 
-def webhook_body(message: Outgoing) -> bytes:
+def webhook_body(message: Outgoing, event: str = EVENT) -> bytes:
     """The exact bytes that are sent and signed: compact JSON with sorted keys."""
     body: dict[str, Any] = {
         **message.payload,
-        "event": EVENT,
+        "event": event,
         "notification_id": message.notification_id,
         "timestamp": message.attempted_at.isoformat(),
     }
@@ -49,7 +50,23 @@ def signature(secret: str, body: bytes) -> str:
 
 @channel("webhook", destination=lambda settings: settings.webhook_url)
 def send_webhook(settings: Settings, message: Outgoing, *, timeout: float) -> None:
-    body = webhook_body(message)
+    post(settings, settings.webhook_url, webhook_body(message), message, timeout=timeout)
+
+
+@channel(
+    "escalation-webhook",
+    destination=lambda settings: settings.escalation_webhook_url,
+    escalation=True,
+)
+def send_escalation(settings: Settings, message: Outgoing, *, timeout: float) -> None:
+    """A critical alert nobody acknowledged in time: ``event`` is
+    ``critical_finding_unacknowledged``, with ``escalated: true``."""
+    body = webhook_body(message, ESCALATION_EVENT)
+    post(settings, settings.escalation_webhook_url, body, message, timeout=timeout)
+
+
+def post(settings: Settings, url: str, body: bytes, message: Outgoing, *, timeout: float) -> None:
+    """POST ``body``, signed, to ``url``; raise as the module doc says."""
     headers = {
         "Content-Type": "application/json",
         "User-Agent": f"triage/{__version__}",
@@ -59,7 +76,7 @@ def send_webhook(settings: Settings, message: Outgoing, *, timeout: float) -> No
         headers[SIGNATURE_HEADER] = signature(settings.webhook_secret.get_secret_value(), body)
     try:
         response = httpx.post(
-            settings.webhook_url,
+            url,
             content=body,
             headers=headers,
             timeout=timeout,

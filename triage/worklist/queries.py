@@ -5,21 +5,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from triage.db.models import (
     Delivery,
+    Feedback,
+    Finding,
     Job,
+    Notification,
     PriorityChange,
     ResultObject,
     Series,
     Study,
     WorklistEntry,
 )
-from triage.domain import ReadingState, StudyStatus, Tier
+from triage.domain import ModelMode, ReadingState, StudyStatus, Tier, WorkState
+from triage.notify import registered_channels
 from triage.worklist.records import (
     DeliveryRecord,
+    FeedbackRecord,
     FindingRecord,
     JobRecord,
     PriorityChangeRecord,
@@ -48,6 +53,10 @@ class WorklistItem:
     reading_state: ReadingState
     claimed_by: str | None
     claim_expires_at: datetime | None
+    has_key_image: bool = False
+    needs_acknowledgment: bool = False
+    acknowledged_by: str | None = None
+    awaiting_approval: bool = False
 
     def row(self, *, now: datetime, viewer_url_template: str = "") -> WorklistRow:
         """The item as the page lists it at ``now``: waiting and due times, viewer link."""
@@ -74,7 +83,88 @@ class WorklistItem:
                 if viewer_url_template
                 else None
             ),
+            key_image_url=key_image_url(self.study_uid) if self.has_key_image else None,
+            needs_acknowledgment=self.needs_acknowledgment,
+            acknowledged_by=self.acknowledged_by,
+            awaiting_approval=self.awaiting_approval,
         )
+
+
+def key_image_url(study_uid: str, finding_id: int | None = None) -> str:
+    url = f"/api/studies/{study_uid}/key-image"
+    return url if finding_id is None else f"{url}?finding={finding_id}"
+
+
+def key_image_findings(
+    db_session: Session, study: Study, *, include_shadow: bool = False
+) -> list[Finding]:
+    """The study's findings with a key image, from its current round, most significant first:
+    the highest probability, then the largest volume."""
+    query = (
+        select(Finding)
+        .join(Job, Finding.job_id == Job.id)
+        .where(
+            Job.study_id == study.id,
+            Job.round == study.analysis_round,
+            Finding.key_image_ref.is_not(None),
+        )
+        .order_by(Finding.probability.desc(), Finding.volume_ml.desc(), Finding.id)
+    )
+    if not include_shadow:
+        query = query.where(Job.mode != ModelMode.SHADOW)
+    return list(db_session.scalars(query))
+
+
+def _page_facts(
+    db_session: Session, rows: list[tuple[WorklistEntry, Study]]
+) -> tuple[set[int], set[int], dict[int, datetime]]:
+    """For a page of studies: those with a key image, those with a run awaiting approval, and
+    when each was last alerted."""
+    ids = [study.id for _, study in rows]
+    if not ids:
+        return set(), set(), {}
+    current = (Job.study_id.in_(ids), Job.round == Study.analysis_round)
+    with_images = set(
+        db_session.scalars(
+            select(Job.study_id)
+            .join(Study, Study.id == Job.study_id)
+            .join(Finding, Finding.job_id == Job.id)
+            .where(*current, Job.mode != ModelMode.SHADOW, Finding.key_image_ref.is_not(None))
+            .distinct()
+        )
+    )
+    held = set(
+        db_session.scalars(
+            select(Job.study_id)
+            .join(Study, Study.id == Job.study_id)
+            .where(
+                *current,
+                Job.state == WorkState.DONE,
+                Job.mode == ModelMode.REVIEW,
+                Job.approved_at.is_(None),
+            )
+            .distinct()
+        )
+    )
+    alerted: dict[int, datetime] = {
+        study_id: at
+        for study_id, at in db_session.execute(
+            select(Notification.study_id, func.max(Notification.created_at))
+            .where(
+                Notification.study_id.in_(ids),
+                Notification.channel.in_(tuple(registered_channels())),
+            )
+            .group_by(Notification.study_id)
+        )
+    }
+    return with_images, held, alerted
+
+
+def needs_acknowledgment(entry: WorklistEntry, alerted_at: datetime | None) -> bool:
+    """A critical alert went out and nobody acknowledged the study since."""
+    if alerted_at is None or entry.tier != Tier.CRITICAL:
+        return False
+    return entry.acknowledged_at is None or entry.acknowledged_at < alerted_at
 
 
 def worklist(
@@ -86,7 +176,7 @@ def worklist(
     limit: int = 50,
     offset: int = 0,
 ) -> list[WorklistItem]:
-    """Most urgent first: tier, then score (share of target used), arrival, Study UID."""
+    """Most urgent first: tier, then score (share of target used), severity, arrival, Study UID."""
     query = (
         select(WorklistEntry, Study)
         .join(Study, WorklistEntry.study_id == Study.id)
@@ -94,6 +184,8 @@ def worklist(
         .order_by(
             WorklistEntry.tier_rank,
             WorklistEntry.score.desc(),
+            WorklistEntry.severity_probability.desc(),
+            WorklistEntry.severity_volume.desc(),
             Study.first_received_at,
             Study.study_uid,
         )
@@ -104,6 +196,8 @@ def worklist(
         query = query.where(WorklistEntry.tier == tier)
     if modality:
         query = query.where(Study.modalities.contains(modality.upper()))
+    rows = [(entry, study) for entry, study in db_session.execute(query)]
+    with_images, held, alerted = _page_facts(db_session, rows)
     return [
         WorklistItem(
             study_uid=study.study_uid,
@@ -121,8 +215,12 @@ def worklist(
             reading_state=entry.reading_state,
             claimed_by=entry.claimed_by,
             claim_expires_at=entry.claim_expires_at,
+            has_key_image=study.id in with_images,
+            needs_acknowledgment=needs_acknowledgment(entry, alerted.get(study.id)),
+            acknowledged_by=entry.acknowledged_by,
+            awaiting_approval=study.id in held,
         )
-        for entry, study in db_session.execute(query)
+        for entry, study in rows
     ]
 
 
@@ -130,9 +228,16 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
-def study_record(*, db_session: Session, study_uid: str) -> StudyRecord | None:
+def study_record(
+    *,
+    db_session: Session,
+    study_uid: str,
+    include_shadow: bool = True,
+    viewer_url_template: str = "",
+) -> StudyRecord | None:
     """Everything known about one study: status, series, jobs, findings, results, deliveries,
-    worklist entry and priority history."""
+    worklist entry, priority history and feedback. Runs made in shadow mode are left out unless
+    ``include_shadow`` (administrators see them)."""
     study = db_session.scalar(select(Study).where(Study.study_uid == study_uid))
     if study is None:
         return None
@@ -150,11 +255,17 @@ def study_record(*, db_session: Session, study_uid: str) -> StudyRecord | None:
         received_at=study.first_received_at.isoformat(),
         completed_at=_iso(study.completed_at),
         series=series_section(db_session, study),
-        jobs=jobs_section(db_session, study),
+        jobs=jobs_section(db_session, study, include_shadow=include_shadow),
         results=results_section(db_session, study),
         deliveries=deliveries_section(db_session, study),
         worklist=worklist_section(db_session, study),
         priority_history=history_section(db_session, study),
+        feedback=feedback_section(db_session, study),
+        viewer_url=(
+            viewer_url_template.replace("{study_uid}", study.study_uid)
+            if viewer_url_template
+            else None
+        ),
     )
 
 
@@ -171,8 +282,13 @@ def series_section(db_session: Session, study: Study) -> list[SeriesRecord]:
     ]
 
 
-def jobs_section(db_session: Session, study: Study) -> list[JobRecord]:
-    jobs = db_session.scalars(select(Job).where(Job.study_id == study.id).order_by(Job.id)).all()
+def jobs_section(
+    db_session: Session, study: Study, *, include_shadow: bool = True
+) -> list[JobRecord]:
+    query = select(Job).where(Job.study_id == study.id).order_by(Job.id)
+    if not include_shadow:
+        query = query.where(Job.mode != ModelMode.SHADOW)
+    jobs = db_session.scalars(query).all()
     return [
         JobRecord(
             id=j.id,
@@ -184,8 +300,13 @@ def jobs_section(db_session: Session, study: Study) -> list[JobRecord]:
             reason=j.reason,
             series_uid=j.series_uid,
             timings=j.timings,
+            mode=j.mode,
+            held=j.state == WorkState.DONE and j.mode == ModelMode.REVIEW and not j.approved_at,
+            approved_at=_iso(j.approved_at),
+            approved_by=j.approved_by,
             findings=[
                 FindingRecord(
+                    id=f.id,
                     kind=f.kind,
                     label=f.label,
                     code=f"{f.code_scheme}:{f.code_value}",
@@ -194,6 +315,11 @@ def jobs_section(db_session: Session, study: Study) -> list[JobRecord]:
                     positive=f.positive,
                     volume_ml=f.volume_ml,
                     location=f.location,
+                    key_image_url=(
+                        key_image_url(study.study_uid, f.id)
+                        if f.key_image_ref and j.round == study.analysis_round
+                        else None
+                    ),
                 )
                 for f in j.findings
             ],
@@ -208,7 +334,11 @@ def results_section(db_session: Session, study: Study) -> list[ResultRecord]:
     ).all()
     return [
         ResultRecord(
-            kind=r.kind, sop_instance_uid=r.sop_instance_uid, series_uid=r.series_uid, round=r.round
+            kind=r.kind,
+            sop_instance_uid=r.sop_instance_uid,
+            series_uid=r.series_uid,
+            round=r.round,
+            retracted_at=_iso(r.retracted_at),
         )
         for r in results
     ]
@@ -247,6 +377,8 @@ def worklist_section(db_session: Session, study: Study) -> WorklistPosition | No
         due_at=_iso(entry.due_at),
         reading_state=entry.reading_state,
         claimed_by=entry.claimed_by,
+        acknowledged_at=_iso(entry.acknowledged_at),
+        acknowledged_by=entry.acknowledged_by,
     )
 
 
@@ -267,3 +399,26 @@ def history_section(db_session: Session, study: Study) -> list[PriorityChangeRec
         )
         for h in history
     ]
+
+
+def feedback_section(db_session: Session, study: Study) -> list[FeedbackRecord]:
+    rows = db_session.scalars(
+        select(Feedback).where(Feedback.study_id == study.id).order_by(Feedback.at, Feedback.id)
+    ).all()
+    return [feedback_record(row) for row in rows]
+
+
+def feedback_record(row: Feedback) -> FeedbackRecord:
+    return FeedbackRecord(
+        id=row.id,
+        finding=row.finding_id,
+        model=row.model_name,
+        version=row.model_version,
+        label=row.label,
+        probability=row.probability,
+        positive=row.positive,
+        verdict=row.verdict,
+        comment=row.comment,
+        reader=row.reader,
+        at=row.at.isoformat(),
+    )

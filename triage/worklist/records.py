@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from triage.domain import ReadingState, ResultKind, StudyStatus, Tier, WorkState
+from triage.domain import ModelMode, ReadingState, ResultKind, StudyStatus, Tier, Verdict, WorkState
 
 
 class _Record(BaseModel):
@@ -38,6 +38,16 @@ class WorklistRow(_Record):
     waited_seconds: float
     due_in_seconds: float | None = Field(description="Negative once the study is overdue.")
     viewer_url: str | None = Field(description="From viewer_url_template; null when unset.")
+    key_image_url: str | None = Field(
+        default=None, description="The study's most significant key image (PNG); null: none."
+    )
+    needs_acknowledgment: bool = Field(
+        default=False, description="A critical AI alert nobody has acknowledged yet."
+    )
+    acknowledged_by: str | None = None
+    awaiting_approval: bool = Field(
+        default=False, description="A run in review mode waits for approval of its results."
+    )
 
 
 class TargetMinutes(_Record):
@@ -65,6 +75,7 @@ class SeriesRecord(_Record):
 
 
 class FindingRecord(_Record):
+    id: int = Field(description="The finding's id, for feedback and ?finding= of the key image.")
     kind: str = Field(description="'score' (study level) or 'lesion'.")
     label: str
     code: str = Field(description="Coding scheme and code value, e.g. 'SCT:1386000'.")
@@ -73,6 +84,7 @@ class FindingRecord(_Record):
     positive: bool
     volume_ml: float | None
     location: dict[str, Any] | None
+    key_image_url: str | None = Field(description="Its key image (PNG); null: none.")
 
 
 class JobRecord(_Record):
@@ -85,6 +97,10 @@ class JobRecord(_Record):
     reason: str | None
     series_uid: str | None
     timings: dict[str, float] = Field(description="Seconds per stage of the last run.")
+    mode: ModelMode = Field(description="The model version's mode when the job ran.")
+    held: bool = Field(description="In review mode and not approved: results and alerts wait.")
+    approved_at: str | None
+    approved_by: str | None
     findings: list[FindingRecord]
 
 
@@ -93,6 +109,9 @@ class ResultRecord(_Record):
     sop_instance_uid: str
     series_uid: str
     round: int
+    retracted_at: str | None = Field(
+        description="When a rejection note withdrew it (a later run no longer found it)."
+    )
 
 
 class DeliveryRecord(_Record):
@@ -112,6 +131,8 @@ class WorklistPosition(_Record):
     due_at: str | None
     reading_state: ReadingState
     claimed_by: str | None
+    acknowledged_at: str | None = Field(description="When its critical alert was acknowledged.")
+    acknowledged_by: str | None
 
 
 class PriorityChangeRecord(_Record):
@@ -121,6 +142,22 @@ class PriorityChangeRecord(_Record):
     old_score: float | None
     new_score: float
     reason: str
+
+
+class FeedbackRecord(_Record):
+    """A reader's verdict on a finding (``finding`` null: on the study, e.g. a miss)."""
+
+    id: int
+    finding: int | None
+    model: str | None
+    version: str | None
+    label: str | None
+    probability: float | None
+    positive: bool | None
+    verdict: Verdict
+    comment: str | None
+    reader: str
+    at: str
 
 
 class StudyRecord(_Record):
@@ -144,3 +181,7 @@ class StudyRecord(_Record):
     deliveries: list[DeliveryRecord]
     worklist: WorklistPosition | None
     priority_history: list[PriorityChangeRecord]
+    feedback: list[FeedbackRecord]
+    viewer_url: str | None = Field(
+        default=None, description="From viewer_url_template; null when unset."
+    )

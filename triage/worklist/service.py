@@ -17,8 +17,9 @@ from triage.config import Settings
 from triage.db.base import utcnow
 from triage.db.models import Finding, Job, Notification, PriorityChange, Study, WorklistEntry
 from triage.db.session import SessionFactory, session_scope
-from triage.domain import ReadingState, StudyStatus, WorkState
+from triage.domain import ModelMode, ReadingState, StudyStatus, WorkState
 from triage.notify import registered_channels
+from triage.review import held_jobs
 from triage.worklist.policy import (
     AnalysisState,
     FindingSignal,
@@ -43,7 +44,7 @@ def _finding_signals(
     db_session: Session, study: Study, models: Mapping[str, ModelDescription]
 ) -> list[FindingSignal]:
     """One signal per model run of the current round: its study-level score, with the total
-    volume of its lesions."""
+    volume of its lesions. Runs in shadow mode change nothing and give none."""
     rows = db_session.execute(
         select(Job, Finding)
         .join(Finding, Finding.job_id == Job.id)
@@ -51,6 +52,7 @@ def _finding_signals(
             Job.study_id == study.id,
             Job.round == study.analysis_round,
             Job.state == WorkState.DONE,
+            Job.mode != ModelMode.SHADOW,
         )
         .order_by(Job.id, Finding.ordinal)
     )
@@ -171,8 +173,10 @@ def reprioritize(
     # The score ages continuously; it is stored on every pass so the order stays current.
     entry.tier, entry.tier_rank, entry.score = new.tier, tier_rank(new.tier), new.score
     entry.due_at, entry.reason = new.due_at, new.reason
+    entry.severity_probability, entry.severity_volume = new.severity
+    held = {job.model_name for job in held_jobs(db_session, study)}
     for finding in signals.findings:
-        if finding.flags_critical:
+        if finding.flags_critical and finding.model not in held:  # held: alerts wait (review)
             _owe_notifications(db_session, study, finding, new, now)
     return change
 
