@@ -7,304 +7,34 @@ a critical finding to the top without a reload.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-from collections.abc import Iterator
-from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
-from pydicom import dcmread
-from selenium import webdriver
-from selenium.common.exceptions import NoAlertPresentException
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.support.ui import WebDriverWait
-from sqlalchemy import select
 
-from tests.conftest import free_port, service_missing
-from tests.helpers.instances import SentStudy, ct_study
-from tests.helpers.process import VENV_BIN, port_open, running, wait_for
-from triage.db.base import utcnow
-from triage.db.models import Finding, Job, Study
-from triage.db.session import create_db_engine, make_session_factory, session_scope
-from triage.domain import WorkState
-from triage.worklist.policy import PolicyConfig
-from triage.worklist.service import reprioritize
+from tests.e2e.support import (
+    READER,
+    REPO_ROOT,
+    VIEWER_TEMPLATE,
+    XSS_NAME,
+    Server,
+    add_critical_finding,
+    assert_no_alert,
+    console_errors,
+    focused,
+    row_of,
+    row_uids,
+    sign_in,
+    study_with,
+    table,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-REPO_ROOT = Path(__file__).resolve().parents[2]
-XSS_NAME = "<img src=x onerror=alert(1)>"
-READER = "dr.reader"
-VIEWER_TEMPLATE = "http://viewer.invalid/?StudyInstanceUIDs={study_uid}"
-WAIT_S = 15.0
-
-
-@dataclass
-class Server:
-    """``triage serve`` as a real process; it can be stopped and started again on its ports."""
-
-    http_port: int
-    dicom_port: int
-    data_dir: Path
-    env: dict[str, str]
-    log_file: Path
-    token: str = ""
-    process: ExitStack = field(default_factory=ExitStack)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def start(self) -> None:
-        self.process.enter_context(
-            running(
-                [str(VENV_BIN / "triage"), "serve"],
-                env=self.env,
-                log_file=self.log_file,
-                ready=lambda: port_open(self.http_port) and port_open(self.dicom_port),
-            )
-        )
-
-    def stop(self) -> None:
-        self.process.close()
-
-    def worklist(self) -> list[dict[str, Any]]:
-        reply = httpx.get(
-            f"{self.url}/api/worklist",
-            headers={"Authorization": f"Bearer {self.token}"},
-            timeout=5,
-        )
-        reply.raise_for_status()
-        items: list[dict[str, Any]] = reply.json()["items"]
-        return items
-
-    def send(self, study: SentStudy) -> None:
-        sent = subprocess.run(
-            ["storescu", "-aec", "TRIAGE", "127.0.0.1", str(self.dicom_port)]
-            + [str(path) for path in study.paths],
-            env={**os.environ, "TCP_NODELAY": "1"},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert sent.returncode == 0, sent.stderr
-
-    def wait_listed(self, *study_uids: str) -> list[dict[str, Any]]:
-        """Wait until every study is on the worklist; return the worklist then."""
-        listed: list[dict[str, Any]] = []
-
-        def all_listed() -> bool:
-            nonlocal listed
-            listed = self.worklist()
-            return set(study_uids) <= {item["study_uid"] for item in listed}
-
-        wait_for(all_listed, timeout=30, what="the studies to reach the worklist")
-        return listed
-
-
-@pytest.fixture
-def server(tmp_path: Path, data_dir: Path) -> Iterator[Server]:
-    """``triage serve`` on free ports, no workers, no routing rules, and a radiologist token."""
-    if shutil.which("storescu") is None:
-        service_missing("DCMTK storescu")
-    http_port, dicom_port = free_port(), free_port()
-    env = {
-        "TRIAGE_DATA_DIR": str(data_dir),
-        "TRIAGE_DICOM_PORT": str(dicom_port),
-        "TRIAGE_HTTP_PORT": str(http_port),
-        "TRIAGE_WORKERS": "0",
-        "TRIAGE_ROUTING_RULES": "[]",  # a complete study goes straight to "analyzed"
-        "TRIAGE_ASSOCIATION_GRACE_SECONDS": "0.5",
-        "TRIAGE_SPOOL_MIN_FREE_MB": "1",
-        "TRIAGE_VIEWER_URL_TEMPLATE": VIEWER_TEMPLATE,
-    }
-    server = Server(http_port, dicom_port, data_dir, env, tmp_path / "serve.log")
-    server.start()
-    try:
-        created = subprocess.run(
-            [str(VENV_BIN / "triage-admin"), "tokens", "create", READER, "--role", "radiologist"],
-            env={**os.environ, **env},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert created.returncode == 0, created.stderr
-        server.token = created.stdout.strip().splitlines()[-1]
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator[WebDriver]:
-    """Headless Chromium through the system chromedriver; nothing is downloaded."""
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        service_missing("Chromium")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for argument in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--window-size=1600,1000",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-    ):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    service = Service(
-        executable_path=str(CHROMEDRIVER), log_output=str(tmp_path / "chromedriver.log")
-    )
-    driver = webdriver.Chrome(service=service, options=options)
-    driver.set_page_load_timeout(30)
-    driver.set_script_timeout(10)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
-def study_with(
-    out_dir: Path, *, name: str, accession: str, description: str, priority: str | None = None
-) -> SentStudy:
-    """Two CT instances of a new study with the given patient name and order."""
-    study = ct_study(out_dir, 2)
-    for path in study.paths:
-        ds = dcmread(path)
-        ds.PatientName = name
-        ds.PatientID = f"PID-{accession}"
-        ds.AccessionNumber = accession
-        ds.StudyDescription = description
-        if priority is not None:
-            ds.RequestedProcedurePriority = priority
-        ds.save_as(path, enforce_file_format=True)
-    return study
-
-
-def add_critical_finding(data_dir: Path, study_uid: str) -> None:
-    """What a worker does for a positive hemorrhage score, then the worklist re-ranking."""
-    engine = create_db_engine(f"sqlite:///{data_dir / 'triage.sqlite'}")
-    try:
-        with session_scope(make_session_factory(engine)) as session:
-            study = session.scalars(select(Study).where(Study.study_uid == study_uid)).one()
-            now = utcnow()
-            job = Job(
-                study_id=study.id,
-                model_name="ich-detector",
-                model_version="1.0.0",
-                state=WorkState.DONE,
-                round=study.analysis_round,
-                attempts=1,
-                started_at=now,
-                finished_at=now,
-            )
-            job.findings.append(
-                Finding(
-                    ordinal=0,
-                    kind="score",
-                    label="intracranial_hemorrhage",
-                    code_scheme="SCT",
-                    code_value="1386000",
-                    code_meaning="Intracranial hemorrhage",
-                    probability=0.97,
-                    positive=True,
-                )
-            )
-            session.add(job)
-            session.flush()
-            change = reprioritize(
-                db_session=session, study=study, now=utcnow(), config=PolicyConfig(), models={}
-            )
-            assert change is not None
-    finally:
-        engine.dispose()
-
-
-# One JavaScript call reads the whole table at once: the page re-renders it on every change,
-# so element handles kept across calls could go stale.
-_ROWS_JS = """
-return Array.from(document.querySelectorAll('#rows > tr'), row => {
-  const text = selector => (row.querySelector(selector) || {}).textContent || '';
-  const link = row.querySelector('a.viewer-link');
-  return {
-    uid: row.dataset.uid,
-    badge: text('.badge'),
-    name: text('.patient-name'),
-    reason: text('.reason-text'),
-    waited: text('.waited'),
-    reading: text('td.reading'),
-    href: link ? link.href : null,
-    target: link ? link.target : null,
-    rel: link ? link.rel : null,
-  };
-});
-"""
-
-
-def table(driver: WebDriver) -> list[dict[str, Any]]:
-    snapshot: list[dict[str, Any]] = driver.execute_script(_ROWS_JS)
-    return snapshot
-
-
-def row_uids(driver: WebDriver) -> list[str]:
-    return [row["uid"] for row in table(driver)]
-
-
-def row_of(driver: WebDriver, study_uid: str) -> dict[str, Any]:
-    (row,) = [row for row in table(driver) if row["uid"] == study_uid]
-    return row
-
-
-def focused(driver: WebDriver) -> tuple[str | None, str | None, str | None]:
-    """The focused element's id, and its row's study UID and action (for row controls)."""
-    found: list[str | None] = driver.execute_script(
-        "const e = document.activeElement;"
-        "return [e.id || null, e.dataset.uid || null, e.dataset.action || null];"
-    )
-    return found[0], found[1], found[2]
-
-
-def wait_until(driver: WebDriver, condition: Any, message: str, timeout: float = WAIT_S) -> Any:
-    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(condition, message)
-
-
-def assert_no_alert(driver: WebDriver) -> None:
-    with pytest.raises(NoAlertPresentException):
-        driver.switch_to.alert  # noqa: B018 - the property raises when no alert is open
-
-
-def console_errors(driver: WebDriver) -> list[str]:
-    return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
-
-
-def sign_in(driver: WebDriver, server: Server, shots: Path) -> None:
-    driver.get(server.url + "/")
-    field = wait_until(
-        driver, lambda d: d.find_element(By.ID, "token"), "no token field on first visit"
-    )
-    assert field.is_displayed()
-    assert focused(driver)[0] == "token"
-    assert not driver.find_element(By.ID, "sign-out").is_displayed()
-    assert not driver.find_element(By.ID, "worklist").is_displayed()
-    driver.save_screenshot(str(shots / "00-sign-in.png"))
-    ActionChains(driver).send_keys(server.token, Keys.ENTER).perform()
 
 
 def test_worklist_page_in_a_real_browser(
