@@ -82,6 +82,8 @@ def admin_server(tmp_path: Path, data_dir: Path) -> Iterator[Server]:
         "TRIAGE_WORKERS": "0",
         "TRIAGE_ROUTING_RULES": "[]",
         "TRIAGE_SPOOL_MIN_FREE_MB": "1",
+        # 60 studies give a verdict (the default asks for 100)
+        "TRIAGE_DRIFT_MIN_STUDIES": "50",
     }
     if bundled_reference() is None:
         models_dir = tmp_path / "models"

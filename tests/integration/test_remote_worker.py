@@ -28,6 +28,7 @@ orthanc_factory = peers.orthanc_factory
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
 
 
 def test_a_worker_without_the_data_directory_analyses_and_delivers_once(
@@ -92,26 +93,29 @@ def test_a_worker_without_the_data_directory_analyses_and_delivers_once(
         def delivered() -> bool:
             with session_scope(factory) as session:
                 states = session.scalars(select(Delivery.state)).all()
-            return len(states) == 2 and all(state == WorkState.DONE for state in states)
+            return len(states) == 3 and all(state == WorkState.DONE for state in states)
 
         with running(
             [str(VENV_BIN / "triage"), "worker"], env=worker_env, log_file=tmp_path / "worker.log"
         ):
-            wait_for(delivered, timeout=240, what="the SEG and SR delivered by the remote worker")
+            wait_for(delivered, timeout=240, what="the SEG, SR and KOS delivered by the worker")
 
         # The PACS holds each result once.
         found: dict[str, str] = {}
         for instance in pacs.qido(f"studies/{study.study_uid}/instances"):
             sop_class = instance["00080016"]["Value"][0]
-            if sop_class in (SEG, COMPREHENSIVE_3D_SR):
+            if sop_class in (SEG, COMPREHENSIVE_3D_SR, KEY_OBJECT_SELECTION):
                 found[instance["00080018"]["Value"][0]] = sop_class
-        assert sorted(found.values()) == sorted([SEG, COMPREHENSIVE_3D_SR])
+        assert sorted(found.values()) == sorted([SEG, COMPREHENSIVE_3D_SR, KEY_OBJECT_SELECTION])
         # The result files are triage serve's; the worker kept no image and no result.
         with session_scope(factory) as session:
             file_ids = session.scalars(select(ResultObject.file_id)).all()
         for file_id in file_ids:
             assert (tmp_path / "serve" / "results" / f"{file_id}.dcm").is_file()
+        # The key image too went to triage serve over HTTP.
+        assert list((tmp_path / "serve" / "results" / "key-images").glob("*.png"))
         kept = [p for p in worker_dir.rglob("*.dcm")] if worker_dir.exists() else []
+        assert not worker_dir.exists() or not list(worker_dir.rglob("*.png"))
         assert kept == []
         assert not (worker_dir / "spool").exists() or not any((worker_dir / "spool").rglob("*.dcm"))
         engine.dispose()

@@ -197,7 +197,7 @@ def test_a_delivery_is_retried_by_its_own_task_with_the_settings_backoff(
 
     def settled() -> bool:
         found = deliveries()
-        return len(found) == 4 and all(s in (WorkState.DONE, WorkState.FAILED) for _, s, _ in found)
+        return len(found) == 6 and all(s in (WorkState.DONE, WorkState.FAILED) for _, s, _ in found)
 
     try:
         with running(
@@ -208,8 +208,9 @@ def test_a_delivery_is_retried_by_its_own_task_with_the_settings_backoff(
         for server in servers:
             server.shutdown()
     found = deliveries()
-    assert [(s, a) for d, s, a in found if d.startswith("BROKEN")] == [(WorkState.FAILED, 1)] * 2
-    assert [(s, a) for d, s, a in found if d.startswith("FLAKY")] == [(WorkState.DONE, 3)] * 2
+    # SEG, SR and KOS to each
+    assert [(s, a) for d, s, a in found if d.startswith("BROKEN")] == [(WorkState.FAILED, 1)] * 3
+    assert [(s, a) for d, s, a in found if d.startswith("FLAKY")] == [(WorkState.DONE, 3)] * 3
     for (peer, _uid), times in attempts.items():
         if peer == "BROKEN":
             assert len(times) == 1
