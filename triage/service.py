@@ -25,6 +25,7 @@ from triage.db import migrate
 from triage.db.session import create_db_engine, make_session_factory
 from triage.embedded import LocalWorkers
 from triage.errors import DataDirInUseError
+from triage.heartbeat import ServeHeartbeat
 from triage.ingest.completion import StudyCompletionWatcher
 from triage.ingest.pipeline import Ingestor
 from triage.ingest.reconcile import reconcile_spool
@@ -223,6 +224,7 @@ class TriageService:
                 ("worklist-clock", WorklistClock(settings, self.session_factory).run),
                 ("notifier", Notifier(settings, self.session_factory).run),
                 ("drift", DriftMonitor(settings, self.session_factory).run),
+                ("heartbeat", ServeHeartbeat(settings).run),
             )
         ]
         if self.local_workers is not None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready
 from kombu import Queue
 
 from triage.broker import (
@@ -18,6 +19,7 @@ from triage.broker import (
     transport_options,
 )
 from triage.config import Settings
+from triage.heartbeat import WorkerHeartbeatThread
 from workers.context import WorkerContext
 from workers.tasks import register_tasks
 
@@ -53,7 +55,18 @@ def create_celery(settings: Settings) -> Celery:
     # its models before it takes a job; the pool waits for a child that long.
     app.conf.worker_proc_alive_timeout = WARM_UP_TIMEOUT_SECONDS
     worker_process_init.connect(lambda **_: warm(context), weak=False, dispatch_uid="triage-warm")
+    worker_ready.connect(
+        lambda sender, **_: start_heartbeat(context, sender),
+        weak=False,
+        dispatch_uid="triage-heartbeat",
+    )
     return app
+
+
+def start_heartbeat(context: WorkerContext, consumer: Any) -> None:
+    """Once the worker consumes: its heartbeat, with the queues it consumes (``status``)."""
+    queues = sorted(consumer.app.amqp.queues.consume_from or consumer.app.amqp.queues)
+    WorkerHeartbeatThread(context.session_factory, queues).start()
 
 
 def warm(context: WorkerContext) -> None:

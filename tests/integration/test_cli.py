@@ -40,11 +40,16 @@ def test_db_upgrade_then_status(database_url: str, data_dir: Path) -> None:
     assert "already at revision" in second.stdout
 
     status = run([admin, "status", "--json"], env)
-    assert status.returncode == 0, status.stderr
+    assert status.returncode == 3, status.stderr  # unhealthy: triage serve never ran here
     report = json.loads(status.stdout)
     assert report["instances"] == 0
     assert report["studies"] == {}
-    assert report["queue_depth"] == {"inference": 0, "dispatch": 0}
+    # The embedded broker is triage serve's to create; status does not make one.
+    assert report["queue_depth"] == {"inference": None, "dispatch": None}
+    assert not (data_dir / "broker.sqlite").exists()
+    serve = next(c for c in report["health"]["checks"] if c["name"] == "serve")
+    assert serve["state"] == "down"
+    assert "never started" in serve["detail"]
 
 
 def test_status_before_upgrade_says_what_to_do(sqlite_url: str, data_dir: Path) -> None:

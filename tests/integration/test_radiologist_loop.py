@@ -25,25 +25,22 @@ from sqlalchemy import select
 from tests.conftest import StackFactory
 from tests.helpers import orthanc as peers
 from tests.helpers.orthanc import OrthancFactory, OrthancPeer
-from tests.helpers.phantoms import phantom_study
+from tests.helpers.pipeline import analysed_phantom, analyze_queued
 from tests.helpers.process import VENV_BIN
 from triage.api.app import create_app
 from triage.api.tokens import create_token
 from triage.config import DimseDestination, Settings
-from triage.db.base import utcnow
-from triage.db.models import Delivery, Job, Notification, ResultObject, Study, WorklistEntry
+from triage.db.models import Delivery, Notification, ResultObject, Study, WorklistEntry
 from triage.db.session import SessionFactory, session_scope
 from triage.destinations import destinations
 from triage.domain import ModelMode, ResultKind, Tier, TokenRole
 from triage.feedback import acknowledge
-from triage.ingest.completion import StudyCompletionWatcher
 from triage.ingest.reprocess import reprocess_by_uid
 from triage.modes import set_mode
 from triage.notify.notifier import Notifier
 from triage.review import approve
 from triage.worklist.queries import study_record
 from triage.worklist.service import refresh
-from workers.analysis import analyze
 from workers.context import WorkerContext
 from workers.dispatch import dispatch
 
@@ -81,29 +78,6 @@ def deliver_all(context: WorkerContext, factory: SessionFactory) -> int:
     return len(queued)
 
 
-def analyze_new_jobs(context: WorkerContext, factory: SessionFactory) -> list[int]:
-    with session_scope(factory) as session:
-        jobs = list(session.scalars(select(Job.id).where(Job.state == "queued").order_by(Job.id)))
-    for job_id in jobs:
-        assert analyze(context, job_id) == "done"
-    return jobs
-
-
-def received_and_analysed(
-    settings: Settings, stack_factory: StackFactory, tmp_path: Path, pacs: OrthancPeer
-) -> tuple[str, SessionFactory, WorkerContext]:
-    """A lesion phantom, already in the PACS, received by triage and analysed."""
-    study = phantom_study(tmp_path / "study", 100_011, lesion=True)
-    pacs.upload_all(study.paths)
-    stack = stack_factory(settings)
-    stack.ingest(*study.paths)
-    far = utcnow().replace(year=utcnow().year + 1)
-    assert StudyCompletionWatcher(settings, stack.session_factory).poll(now=far)
-    context = WorkerContext(settings)
-    assert len(analyze_new_jobs(context, stack.session_factory)) == 1
-    return study.study_uid, stack.session_factory, context
-
-
 def tier_of(factory: SessionFactory, study_uid: str) -> Tier:
     with session_scope(factory) as session:
         return session.scalars(
@@ -133,7 +107,7 @@ def test_shadow_changes_nothing_review_waits_for_approval_then_sends_once(
     with session_scope(stack.session_factory) as session:
         set_mode(session, model_name=REFERENCE_MODEL, mode=ModelMode.SHADOW, actor="test")
 
-    study_uid, factory, context = received_and_analysed(settings, stack_factory, tmp_path, pacs)
+    study_uid, factory, context = analysed_phantom(settings, stack_factory, tmp_path, [pacs])
     # Shadow: the model found the lesion, but the study stays routine, nothing is built or
     # sent, no alert is owed, and only an administrator's view shows the findings.
     assert tier_of(factory, study_uid) is Tier.ROUTINE
@@ -157,7 +131,7 @@ def test_shadow_changes_nothing_review_waits_for_approval_then_sends_once(
     reprocess_by_uid(
         settings=settings, session_factory=factory, study_uid=study_uid, model=None, actor="test"
     )
-    analyze_new_jobs(context, factory)
+    analyze_queued(context, factory)
     assert tier_of(factory, study_uid) is Tier.CRITICAL
     with session_scope(factory) as session:
         kinds = sorted(r.kind for r in session.scalars(select(ResultObject)))
@@ -197,7 +171,7 @@ def test_a_later_version_that_finds_nothing_withdraws_the_earlier_results(
     pacs_settings: tuple[Settings, OrthancPeer], tmp_path: Path, stack_factory: StackFactory
 ) -> None:
     settings, pacs = pacs_settings
-    study_uid, factory, context = received_and_analysed(settings, stack_factory, tmp_path, pacs)
+    study_uid, factory, context = analysed_phantom(settings, stack_factory, tmp_path, [pacs])
     assert deliver_all(context, factory) == 3
     first = results_in(pacs, study_uid)
     withdrawn = set(first)
@@ -220,7 +194,7 @@ def test_a_later_version_that_finds_nothing_withdraws_the_earlier_results(
     reprocess_by_uid(
         settings=settings, session_factory=factory, study_uid=study_uid, model=None, actor="test"
     )
-    analyze_new_jobs(context, factory)
+    analyze_queued(context, factory)
     deliver_all(context, factory)
 
     now_held = results_in(pacs, study_uid)
@@ -295,7 +269,7 @@ def test_an_unacknowledged_critical_alert_is_escalated_once_an_acknowledged_one_
             "alert_acknowledge_seconds": 2.0,
         }
     )
-    study_uid, factory, context = received_and_analysed(settings, stack_factory, tmp_path, pacs)
+    study_uid, factory, context = analysed_phantom(settings, stack_factory, tmp_path, [pacs])
     notifier = Notifier(settings, factory)
 
     def pass_after(seconds: float) -> None:
@@ -317,7 +291,7 @@ def test_an_unacknowledged_critical_alert_is_escalated_once_an_acknowledged_one_
     reprocess_by_uid(
         settings=settings, session_factory=factory, study_uid=study_uid, model=None, actor="test"
     )
-    analyze_new_jobs(context, factory)
+    analyze_queued(context, factory)
     pass_after(4.0)
     assert [b["event"] for b in first.bodies] == ["critical_finding"] * 2
     assert [b["event"] for b in second.bodies] == ["critical_finding_unacknowledged"]
@@ -335,7 +309,7 @@ def test_key_image_feedback_and_stats_through_the_api(
     pacs_settings: tuple[Settings, OrthancPeer], tmp_path: Path, stack_factory: StackFactory
 ) -> None:
     settings, pacs = pacs_settings
-    study_uid, factory, _ = received_and_analysed(settings, stack_factory, tmp_path, pacs)
+    study_uid, factory, _ = analysed_phantom(settings, stack_factory, tmp_path, [pacs])
     with session_scope(factory) as session:
         reader = bearer(create_token(db_session=session, name="dr.a", role=TokenRole.RADIOLOGIST))
         admin = bearer(create_token(db_session=session, name="boss", role=TokenRole.ADMIN))

@@ -11,13 +11,12 @@ from sqlalchemy import select
 from tests.conftest import StackFactory
 from tests.helpers import orthanc as peers
 from tests.helpers.orthanc import OrthancFactory, OrthancPeer
-from tests.helpers.phantoms import phantom_study
+from tests.helpers.pipeline import analysed_phantom
 from triage.config import DicomWebDestination, DimseDestination, Settings
 from triage.db.base import utcnow
-from triage.db.models import Delivery, DestinationState, Job, ResultObject
+from triage.db.models import Delivery, DestinationState, ResultObject
 from triage.db.session import SessionFactory, session_scope
 from triage.domain import WorkState
-from triage.ingest.completion import StudyCompletionWatcher
 from triage.ingest.reprocess import reprocess_by_uid
 from workers.analysis import analyze
 from workers.context import WorkerContext
@@ -52,24 +51,6 @@ def result_uids(orthanc: OrthancPeer, study_uid: str) -> dict[str, str]:
     return found
 
 
-def run_study(
-    settings: Settings, stack_factory: StackFactory, tmp_path: Path, pacs: list[OrthancPeer]
-) -> tuple[str, SessionFactory, WorkerContext]:
-    """A lesion phantom, already in each PACS, received and analysed by triage."""
-    study = phantom_study(tmp_path / "study", 100_011, lesion=True)
-    for orthanc in pacs:
-        orthanc.upload_all(study.paths)
-    stack = stack_factory(settings)
-    stack.ingest(*study.paths)
-    far = utcnow().replace(year=utcnow().year + 1)
-    assert StudyCompletionWatcher(settings, stack.session_factory).poll(now=far)
-    context = WorkerContext(settings)
-    with session_scope(stack.session_factory) as session:
-        job_id = session.scalars(select(Job.id)).one()
-    assert analyze(context, job_id) == "done"
-    return study.study_uid, stack.session_factory, context
-
-
 def test_seg_and_sr_reach_the_pacs_by_c_store_and_stow_rs(
     settings: Settings, tmp_path: Path, stack_factory: StackFactory, orthanc_factory: OrthancFactory
 ) -> None:
@@ -82,7 +63,9 @@ def test_seg_and_sr_reach_the_pacs_by_c_store_and_stow_rs(
             ]
         }
     )
-    study_uid, factory, context = run_study(settings, stack_factory, tmp_path, [by_dimse, by_web])
+    study_uid, factory, context = analysed_phantom(
+        settings, stack_factory, tmp_path, [by_dimse, by_web]
+    )
     assert len(delivery_ids(factory)) == 6  # SEG, SR and KOS, to each destination
     deliver_all(context, factory)
     with session_scope(factory) as session:
@@ -111,7 +94,7 @@ def test_pacs_outage_backs_off_then_delivers_once_and_reprocess_keeps_uids(
             "destination_pause_seconds": 30,
         }
     )
-    study_uid, factory, context = run_study(settings, stack_factory, tmp_path, [pacs])
+    study_uid, factory, context = analysed_phantom(settings, stack_factory, tmp_path, [pacs])
     sources = len(pacs.qido(f"studies/{study_uid}/instances"))
     pacs.stop()
     first, second, third = delivery_ids(factory)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from importlib.resources import files
+from typing import Any
 
 from fastapi import FastAPI, Response
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
@@ -14,12 +15,13 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from triage import __version__
 from triage.api import dicomweb, results
-from triage.api.deps import AnyCaller
+from triage.api.deps import AdminCaller, AnyCaller
 from triage.api.routes import router
 from triage.api.schemas import Health, Unhealthy
 from triage.broker import TaskSender
 from triage.config import Settings
 from triage.db.session import SessionFactory, session_scope
+from triage.health import collect_health
 from triage.ingest.pipeline import Ingestor
 from triage.monitoring import ModelStatsCollector
 from triage.storage.spool import Spool
@@ -73,6 +75,14 @@ def create_app(
             down = Unhealthy(database=type(exc).__name__)
             return JSONResponse(down.model_dump(), status_code=503)
         return Health(version=__version__)
+
+    @app.get("/healthz/detail", tags=["operations"])
+    def healthz_detail(caller: AdminCaller) -> dict[str, Any]:
+        """Health in detail, as `triage-admin status` gives it (admin token): the database,
+        the broker, the workers of each queue, each destination's backlog and last error.
+        HTTP 200 either way; ``healthy`` says whether anything is down."""
+        with session_scope(session_factory) as session:
+            return collect_health(session, settings, serve_self=True).as_json()
 
     @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
     def metrics(caller: AnyCaller) -> Response:

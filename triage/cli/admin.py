@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,13 +23,25 @@ from rich.table import Table
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from triage.broker import TaskSender, broker_url, queue_depths
+from triage.broker import TaskSender
 from triage.cli import loop, peers, reading, sources
-from triage.cli.common import ConfigOption, JsonOption, err_console, exit_with_error, load_settings
+from triage.cli.common import (
+    EXIT_UNHEALTHY,
+    ConfigOption,
+    JsonOption,
+    OneLineErrors,
+    database_exists,
+    database_location,
+    err_console,
+    exit_with_error,
+    load_settings,
+    open_database,
+)
 from triage.db import migrate
 from triage.db.session import create_db_engine, make_session_factory, session_scope
 from triage.errors import DicomInputError, OutOfResourcesError
 from triage.failures import list_failures, requeue
+from triage.health import Health, collect_health
 from triage.ingest.pipeline import Ingestor
 from triage.ingest.reprocess import ReprocessError, reprocess_by_uid
 from triage.ingest.sources import import_sources
@@ -37,12 +50,17 @@ from triage.modes import mode_for
 from triage.status import StatusReport, collect_status
 from triage.storage.spool import Spool
 
-app = typer.Typer(
+app = OneLineErrors(
     name="triage-admin",
-    help="Administer triage: database, status, studies, peers, sources, models and failures.",
+    help=(
+        "Administer triage: database, status, studies, peers, sources, models and failures. "
+        "Exit status: 0 done, 1 failed, 2 usage or configuration error, 3 (status) unhealthy. "
+        "--debug shows the traceback of an unexpected error."
+    ),
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
 )
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
@@ -73,21 +91,60 @@ def db_upgrade(config: ConfigOption = None) -> None:
 
 @app.command("status")
 def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
-    """Counts by state (studies, jobs, deliveries), queue depths and the latest errors."""
+    """Whether triage is healthy: `triage serve` (its heartbeat), its DICOM and HTTP listeners,
+    the database, the broker, the workers of each queue, and each destination (backlog, last
+    success, last error, paused); then counts by state and the latest errors.
+
+    Exit status: 0 healthy; 3 something is down or failing (each such line says what to do);
+    1 the database cannot be read; 2 a configuration error."""
     settings = load_settings(config)
-    engine = create_db_engine(settings.database_url)
-    try:
-        if not migrate.is_up_to_date(engine):
-            exit_with_error("the database schema is not current: run `triage-admin db upgrade`")
-        with session_scope(make_session_factory(engine)) as session:
-            report = collect_status(db_session=session)
-    except OperationalError as exc:
-        exit_with_error(f"cannot reach the database {engine.url!r}: {exc.orig}")
-    report = dataclasses.replace(report, queue_depth=queue_depths(broker_url(settings)))
+    engine = open_database(settings)
+    with session_scope(make_session_factory(engine)) as session:
+        health = collect_health(session, settings)
+        report = collect_status(db_session=session)
+    report = dataclasses.replace(report, queue_depth=health.queue_depth)
     if as_json:
-        print(json.dumps(report.as_json(), indent=2))
+        print(json.dumps({**report.as_json(), "health": health.as_json()}, indent=2))
     else:
+        _print_health(health)
         _print_status(report)
+    if not health.healthy:
+        raise typer.Exit(EXIT_UNHEALTHY)
+
+
+def _print_health(health: Health) -> None:
+    marks = {"up": "[green]up[/]", "down": "[bold red]DOWN[/]", "unknown": "[yellow]unknown[/]"}
+    verdict = "[green]healthy[/]" if health.healthy else "[bold red]UNHEALTHY[/]"
+    console.print(f"triage: {verdict}")
+    table = Table(show_header=True, title=None)
+    table.add_column("component", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("detail", overflow="fold")
+    for check in health.checks:
+        table.add_row(check.name, marks[check.state], check.detail)
+    console.print(table)
+    if health.destinations:
+        destinations = Table(title="destinations")
+        for column in ("destination", "state", "backlog", "failed", "last success", "last error"):
+            destinations.add_column(column, no_wrap=column == "destination", overflow="fold")
+        for d in health.destinations:
+            error = d.last_error or ""
+            if d.paused_until:
+                error = f"paused until {_local(d.paused_until)}; {error}"
+            destinations.add_row(
+                d.name,
+                marks[d.state],
+                str(d.backlog),
+                str(d.failed),
+                _local(d.last_success_at) if d.last_success_at else "never",
+                error,
+            )
+        console.print(destinations)
+
+
+def _local(iso: str) -> str:
+    """An ISO time in the local zone, to the second."""
+    return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _print_status(report: StatusReport) -> None:
@@ -134,9 +191,8 @@ def import_files(
     files = list(import_sources(path))
     if not files:
         exit_with_error(f"no files found under {path}")
+    open_database(settings).dispose()  # exists, schema current: one line otherwise
     engine = create_db_engine(settings.database_url, rebuildable=True)
-    if not migrate.is_up_to_date(engine):
-        exit_with_error("the database schema is not current: run `triage-admin db upgrade`")
     ingestor = Ingestor(
         spool=Spool.for_settings(settings),
         engine=engine,
@@ -194,12 +250,14 @@ def models_list(config: ConfigOption = None, as_json: JsonOption = False) -> Non
         exit_with_error(f"could not load the models: {result.stderr.strip().splitlines()[-1:]}")
     statuses = json.loads(result.stdout)
     try:
+        if not database_exists(settings):
+            raise FileNotFoundError(database_location(settings))
         with session_scope(make_session_factory(create_db_engine(settings.database_url))) as s:
             for status in statuses:
                 status["mode"] = str(mode_for(s, status["name"], status["version"] or ""))
-    except SQLAlchemyError as exc:
+    except (SQLAlchemyError, FileNotFoundError) as exc:
         err_console.print(
-            f"[yellow]warning:[/] modes unknown: the database cannot be read "
+            f"[yellow]warning:[/] modes unknown: cannot read the {database_location(settings)} "
             f"({type(exc).__name__}); run `triage-admin db upgrade`",
             soft_wrap=True,
         )
@@ -238,7 +296,7 @@ def reprocess(
     try:
         job_ids = reprocess_by_uid(
             settings=settings,
-            session_factory=make_session_factory(create_db_engine(settings.database_url)),
+            session_factory=make_session_factory(open_database(settings)),
             study_uid=study_uid,
             model=model,
             actor="triage-admin",
@@ -259,7 +317,7 @@ app.add_typer(failures_app, name="failures")
 def failures_list(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Jobs and deliveries that failed for good, with the reason."""
     settings = load_settings(config)
-    with session_scope(make_session_factory(create_db_engine(settings.database_url))) as session:
+    with session_scope(make_session_factory(open_database(settings))) as session:
         failures = list_failures(db_session=session)
     if as_json:
         rows = [
@@ -291,7 +349,7 @@ def failures_retry(
     settings = load_settings(config)
     if not (job or delivery or retry_all):
         exit_with_error("name --job ID, --delivery ID or --all")
-    with session_scope(make_session_factory(create_db_engine(settings.database_url))) as session:
+    with session_scope(make_session_factory(open_database(settings))) as session:
         if retry_all:
             failures = list_failures(db_session=session)
             job = [f.id for f in failures if f.kind == "job"]

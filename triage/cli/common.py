@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from sqlalchemy import Engine, make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from triage.config import Settings
+from triage.db import migrate
+from triage.db.session import create_db_engine
 from triage.errors import ConfigError
 from triage.logs import configure_logging
 
 EXIT_CONFIG = 2
+EXIT_UNHEALTHY = 3
+"""``triage-admin status``: something is down or failing (as ``systemctl status`` for a unit
+that is not running)."""
 
 err_console = Console(stderr=True, highlight=False)
 
@@ -35,6 +43,9 @@ def exit_with_error(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+_loaded: list[Settings] = []  # the settings this command loaded, for its error messages
+
+
 def load_settings(config: Path | None) -> Settings:
     """Settings from the file and environment, or exit 2 with one line that names the field."""
     try:
@@ -42,4 +53,81 @@ def load_settings(config: Path | None) -> Settings:
     except ConfigError as exc:
         exit_with_error(str(exc), EXIT_CONFIG)
     configure_logging(settings.log_level)
+    _loaded[:] = [settings]
     return settings
+
+
+def describe_failure(exc: Exception) -> str:
+    """One line for an error no command handled itself: what failed, where, and the fix."""
+    where = database_location(_loaded[0]) if _loaded else "the database"
+    reason = _reason(exc)
+    if isinstance(exc, SQLAlchemyError):
+        lowered = reason.lower()
+        if "no such table" in lowered or ("does not exist" in lowered and "relation" in lowered):
+            return f"the {where} has no triage schema: run `triage-admin db upgrade`"
+        return f"cannot use the {where}: {reason}"
+    return f"{type(exc).__name__}: {reason} (run again with --debug for the traceback)"
+
+
+class OneLineErrors(typer.Typer):
+    """A Typer app whose unexpected errors end in one line and exit status 1; ``--debug``
+    (anywhere on the command line) shows the traceback instead."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        debug = "--debug" in sys.argv
+        if debug:
+            sys.argv.remove("--debug")
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as exc:
+            if debug:
+                raise
+            err_console.print(f"[bold red]error:[/] {describe_failure(exc)}", soft_wrap=True)
+            sys.exit(1)
+
+
+def database_location(settings: Settings) -> str:
+    """The database and data directory, as an error names them."""
+    url = make_url(settings.database_url)
+    shown = url.render_as_string(hide_password=True)
+    return f"database {shown} (data directory {settings.data_dir})"
+
+
+def _sqlite_file(settings: Settings) -> str | None:
+    url = make_url(settings.database_url)
+    file = url.database if url.get_backend_name() == "sqlite" else None
+    return file if file and file != ":memory:" else None
+
+
+def database_exists(settings: Settings) -> bool:
+    """False only for a SQLite database whose file is not there (a server is asked instead)."""
+    file = _sqlite_file(settings)
+    return file is None or Path(file).is_file()
+
+
+def open_database(settings: Settings) -> Engine:
+    """An engine on the configured database for a command that only reads: it creates no file
+    or directory, and exits 1 with one line when there is no database or no current schema."""
+    file = _sqlite_file(settings)
+    if file and not Path(file).is_file():
+        exit_with_error(
+            f"no database at {file} (data directory {settings.data_dir}): is TRIAGE_DATA_DIR "
+            "or --config the one `triage serve` uses? A new installation needs `triage-admin "
+            "db upgrade` (or `triage serve`) first"
+        )
+    engine = create_db_engine(settings.database_url)
+    try:
+        current = migrate.is_up_to_date(engine)
+    except SQLAlchemyError as exc:
+        exit_with_error(f"cannot read the {database_location(settings)}: {_reason(exc)}")
+    if not current:
+        exit_with_error(
+            f"the schema of the {database_location(settings)} is not current: "
+            "run `triage-admin db upgrade`"
+        )
+    return engine
+
+
+def _reason(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    return " ".join(str(orig or exc).split())[:300]

@@ -11,12 +11,17 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import select
 
-from triage.cli.common import ConfigOption, JsonOption, exit_with_error, load_settings
+from triage.cli.common import (
+    ConfigOption,
+    JsonOption,
+    exit_with_error,
+    load_settings,
+    open_database,
+)
 from triage.config import DimseDestination, Settings
 from triage.db.models import Peer
 from triage.db.session import (
     SessionFactory,
-    create_db_engine,
     make_session_factory,
     session_scope,
 )
@@ -29,7 +34,7 @@ peers_app = typer.Typer(help="PACS nodes that receive results.", no_args_is_help
 
 
 def _factory(settings: Settings) -> SessionFactory:
-    return make_session_factory(create_db_engine(settings.database_url))
+    return make_session_factory(open_database(settings))
 
 
 def _describe(destination: AnyDestination) -> str:

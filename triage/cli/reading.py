@@ -10,9 +10,15 @@ from rich.console import Console
 from rich.table import Table
 
 from triage.api.tokens import create_token, revoke_token
-from triage.cli.common import ConfigOption, JsonOption, exit_with_error, load_settings
+from triage.cli.common import (
+    ConfigOption,
+    JsonOption,
+    exit_with_error,
+    load_settings,
+    open_database,
+)
 from triage.db.base import utcnow
-from triage.db.session import create_db_engine, make_session_factory, session_scope
+from triage.db.session import make_session_factory, session_scope
 from triage.domain import TokenRole
 from triage.worklist.queries import study_record, worklist
 
@@ -39,7 +45,7 @@ def worklist_command(
 ) -> None:
     """The reading worklist in the same order as the web page: most urgent first."""
     settings = load_settings(config)
-    factory = make_session_factory(create_db_engine(settings.database_url))
+    factory = make_session_factory(open_database(settings))
     with session_scope(factory) as session:
         items = worklist(db_session=session, limit=limit)
     now = utcnow()
@@ -83,7 +89,7 @@ def study_show(
 ) -> None:
     """Status, jobs and findings, result objects, deliveries and priority history of a study."""
     settings = load_settings(config)
-    factory = make_session_factory(create_db_engine(settings.database_url))
+    factory = make_session_factory(open_database(settings))
     with session_scope(factory) as session:
         record = study_record(db_session=session, study_uid=study_uid)
     if record is None:
@@ -146,7 +152,7 @@ def tokens_create(
 ) -> None:
     """Create a token and print it once; only its hash is kept."""
     settings = load_settings(config)
-    factory = make_session_factory(create_db_engine(settings.database_url))
+    factory = make_session_factory(open_database(settings))
     try:
         with session_scope(factory) as session:
             token = create_token(db_session=session, name=name, role=role)
@@ -161,7 +167,7 @@ def tokens_revoke(
 ) -> None:
     """Revoke a token at once."""
     settings = load_settings(config)
-    factory = make_session_factory(create_db_engine(settings.database_url))
+    factory = make_session_factory(open_database(settings))
     with session_scope(factory) as session:
         if not revoke_token(db_session=session, name=name):
             exit_with_error(f"no live token named {name}")

@@ -14,7 +14,13 @@ from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from triage.cli.common import ConfigOption, JsonOption, exit_with_error, load_settings
+from triage.cli.common import (
+    ConfigOption,
+    JsonOption,
+    exit_with_error,
+    load_settings,
+    open_database,
+)
 from triage.config import DimseDestination
 from triage.db.base import utcnow
 from triage.db.models import PulledStudy, Source
@@ -34,7 +40,7 @@ sources_app = typer.Typer(
 def sources_list(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Every source, with where its polling stands (a failing one says why)."""
     settings = load_settings(config)
-    with session_scope(make_session_factory(create_db_engine(settings.database_url))) as session:
+    with session_scope(make_session_factory(open_database(settings))) as session:
         rows = [
             {
                 "name": source.name,
@@ -126,7 +132,7 @@ def sources_add(
         options["username"] = username
         options["password"] = password or ""
     start = since or f"{utcnow() - timedelta(days=settings.pull_lookback_days):%Y%m%d}"
-    with session_scope(make_session_factory(create_db_engine(settings.database_url))) as session:
+    with session_scope(make_session_factory(open_database(settings))) as session:
         if session.scalar(select(Source.id).where(Source.name == name)) is not None:
             exit_with_error(f"a source named {name} exists; remove it first")
         source = Source(
@@ -157,7 +163,7 @@ def sources_remove(
 ) -> None:
     """Stop polling an archive (what was retrieved from it stays)."""
     settings = load_settings(config)
-    with session_scope(make_session_factory(create_db_engine(settings.database_url))) as session:
+    with session_scope(make_session_factory(open_database(settings))) as session:
         source = session.scalar(select(Source).where(Source.name == name))
         if source is None:
             exit_with_error(f"no source named {name}")
@@ -179,7 +185,7 @@ def sources_poll(
     from triage.storage.spool import Spool
 
     settings = load_settings(config)
-    factory = make_session_factory(create_db_engine(settings.database_url))
+    factory = make_session_factory(open_database(settings))
     with session_scope(factory) as session:
         source_id = session.scalar(select(Source.id).where(Source.name == name))
     if source_id is None:
