@@ -7,9 +7,11 @@ time. List and table fields given in the environment are JSON, for example
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -27,11 +29,16 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
+from sqlalchemy import make_url
+from sqlalchemy.exc import ArgumentError
 
 from triage.errors import ConfigError
 
 CONFIG_ENV_VAR = "TRIAGE_CONFIG"
+# Variables triage reads that are not settings.
+NOT_SETTINGS = ("TRIAGE_DEBUG", "TRIAGE_SCREENSHOT_DIR")
 
 RENAMED_SETTINGS = {
     "delivery_backoff_seconds": "retry_backoff_seconds",
@@ -347,6 +354,14 @@ class Settings(BaseSettings):
         object.__setattr__(self, "data_dir", data_dir)
         if not self.database_url:
             object.__setattr__(self, "database_url", f"sqlite:///{data_dir / 'triage.sqlite'}")
+        else:
+            try:
+                make_url(self.database_url)
+            except ArgumentError:
+                raise ValueError(
+                    f"database_url {self.database_url!r} is not a database URL, e.g. "
+                    "postgresql+psycopg://triage@db/triage or sqlite:////var/lib/triage/t.sqlite"
+                ) from None
         if self.worker_images == "dicomweb" and not (self.serve_url and self.worker_token):
             raise ValueError(
                 "worker_images = dicomweb needs serve_url (triage serve's HTTP address) and "
@@ -383,6 +398,27 @@ class Settings(BaseSettings):
             return cls(**{**data, **overrides})
         except ValidationError as exc:
             raise ConfigError(describe_validation_error(exc)) from None
+        except SettingsError as exc:  # a list or table setting whose variable is not JSON
+            found = re.search(r'field "(\w+)"', str(exc))
+            name = f"TRIAGE_{found.group(1).upper()}" if found else "a TRIAGE_ variable"
+            raise ConfigError(
+                f"invalid configuration: {name} is not valid JSON; list and table settings in "
+                f"the environment are JSON, e.g. TRIAGE_DESTINATIONS='[\"PACS@10.0.0.5:104\"]'"
+            ) from None
+
+
+def unknown_environment(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One warning per ``TRIAGE_*`` variable that names no setting, with the likely one."""
+    known = {f"TRIAGE_{name.upper()}" for name in Settings.model_fields}
+    known |= {f"TRIAGE_{old.upper()}" for old in RENAMED_SETTINGS}
+    known |= {CONFIG_ENV_VAR, *NOT_SETTINGS}
+    warnings = []
+    for variable in sorted(environ if environ is not None else os.environ):
+        if variable.startswith("TRIAGE_") and variable not in known:
+            close = difflib.get_close_matches(variable, sorted(known), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            warnings.append(f"{variable} is not a triage setting and is ignored{hint}")
+    return warnings
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

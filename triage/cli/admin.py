@@ -30,6 +30,7 @@ from triage.cli.common import (
     ConfigOption,
     JsonOption,
     OneLineErrors,
+    add_version_option,
     database_exists,
     database_location,
     err_console,
@@ -61,7 +62,13 @@ app = OneLineErrors(
     add_completion=False,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+add_version_option(app, "triage-admin")
+
+
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
@@ -344,6 +351,7 @@ def failures_retry(
     ] = None,
     retry_all: Annotated[bool, typer.Option("--all", help="Every failure listed.")] = False,
     config: ConfigOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Queue failed jobs and deliveries again (see `failures list` for their ids)."""
     settings = load_settings(config)
@@ -357,12 +365,24 @@ def failures_retry(
         jobs, deliveries = requeue(
             db_session=session, jobs=job or [], deliveries=delivery or [], actor="triage-admin"
         )
+        missing = [f"job {i}" for i in job or [] if i not in jobs] + [
+            f"delivery {i}" for i in delivery or [] if i not in deliveries
+        ]
+        if missing and not retry_all:
+            session.rollback()
+            exit_with_error(
+                f"not failed, or no such id: {', '.join(missing)}; nothing re-queued "
+                "(`triage-admin failures list` shows the failed ones)"
+            )
     sender = TaskSender(settings)
     for job_id in jobs:
         sender.analyze_study(job_id)
     for delivery_id in deliveries:
         sender.dispatch_result(delivery_id)
     sender.close()
+    if as_json:
+        print(json.dumps({"jobs": jobs, "deliveries": deliveries}))
+        return
     console.print(f"re-queued {len(jobs)} job(s) and {len(deliveries)} delivery(ies)")
 
 

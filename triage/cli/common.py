@@ -11,7 +11,8 @@ from rich.console import Console
 from sqlalchemy import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from triage.config import Settings
+from triage import __version__
+from triage.config import Settings, unknown_environment
 from triage.db import migrate
 from triage.db.session import create_db_engine
 from triage.errors import ConfigError
@@ -53,6 +54,8 @@ def load_settings(config: Path | None) -> Settings:
     except ConfigError as exc:
         exit_with_error(str(exc), EXIT_CONFIG)
     configure_logging(settings.log_level)
+    for warning in unknown_environment():
+        err_console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
     _loaded[:] = [settings]
     return settings
 
@@ -131,3 +134,20 @@ def open_database(settings: Settings) -> Engine:
 def _reason(exc: BaseException) -> str:
     orig = getattr(exc, "orig", None)
     return " ".join(str(orig or exc).split())[:300]
+
+
+def add_version_option(app: typer.Typer, program: str) -> None:
+    """``PROGRAM --version`` prints ``PROGRAM <version>``."""
+
+    def show(value: bool) -> None:
+        if value:
+            print(f"{program} {__version__}")
+            raise typer.Exit()
+
+    option = typer.Option(
+        False, "--version", callback=show, is_eager=True, help="Print the version."
+    )
+
+    @app.callback()
+    def main(version: bool = option) -> None:  # a closure: Annotated would not see `show`
+        pass

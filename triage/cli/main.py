@@ -8,11 +8,17 @@ from typing import Annotated
 
 import typer
 
-from triage import __version__
-from triage.cli.common import ConfigOption, exit_with_error, load_settings
+from triage.cli.common import (
+    ConfigOption,
+    OneLineErrors,
+    add_version_option,
+    exit_with_error,
+    load_settings,
+)
 
-app = typer.Typer(
+app = OneLineErrors(
     name="triage",
+    pretty_exceptions_enable=False,
     help=(
         "Radiology triage beside the PACS: receives studies over DICOM, runs detection models "
         "and puts the most urgent studies at the top of the reading worklist."
@@ -22,20 +28,7 @@ app = typer.Typer(
 )
 
 
-def _version(value: bool) -> None:
-    if value:
-        print(f"triage {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def main(
-    version: Annotated[
-        bool,
-        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
-    ] = False,
-) -> None:
-    """triage command line."""
+add_version_option(app, "triage")
 
 
 @app.command()
@@ -62,10 +55,33 @@ def serve(
     settings = load_settings(config)
     if workers is not None:
         settings = settings.model_copy(update={"workers": workers})
+    for setting, host, port in (
+        ("dicom_port", settings.dicom_host, settings.dicom_port),
+        ("http_port", settings.http_host, settings.http_port),
+    ):
+        if (problem := _cannot_listen(host, port)) is not None:
+            exit_with_error(
+                f"cannot listen on {host or '*'}:{port} ({setting}): {problem}; stop the program "
+                f"using it (`ss -ltnp 'sport = :{port}'` shows it) or set {setting}"
+            )
     try:
         TriageService(settings, config_file=config).run()
     except DataDirInUseError as exc:
         exit_with_error(str(exc))
+
+
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why nothing could listen on ``host:port`` now (None: it could)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
 
 
 @app.command(

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import enum
 import json
-from typing import Annotated
+from datetime import datetime
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy import select
 
 from triage.api.tokens import create_token, revoke_token
 from triage.cli.common import (
@@ -18,9 +21,11 @@ from triage.cli.common import (
     open_database,
 )
 from triage.db.base import utcnow
+from triage.db.models import ApiToken
 from triage.db.session import make_session_factory, session_scope
 from triage.domain import TokenRole
 from triage.worklist.queries import study_record, worklist
+from triage.worklist.records import WorklistRow
 
 console = Console(highlight=False)
 
@@ -38,10 +43,48 @@ def _minutes(seconds: float | None) -> str:
     return f"{sign}{hours}h{minutes:02d}" if hours else f"{sign}{minutes} min"
 
 
+class Output(enum.StrEnum):
+    TABLE = "table"
+    WIDE = "wide"
+    NAME = "name"
+
+
+OutputOption = Annotated[
+    Output,
+    typer.Option(
+        "--output",
+        "-o",
+        help="table (fits the terminal; IDs are never cut, the reason is), wide (everything), "
+        "or name (one Study UID per line, for scripts).",
+    ),
+]
+
+
+WIDE_TABLE_COLUMNS = 160
+"""Below this many columns the worklist is printed as lines: a table would cut the UIDs."""
+
+
+def _print_worklist_lines(rows: list[WorklistRow], width: int) -> None:
+    """Two lines per study: rank, tier, the full Study UID and accession (never cut: a narrow
+    terminal wraps them whole); then modality, times, state, and the reason cut to fit."""
+    print("worklist (most urgent first)")
+    for rank, row in enumerate(rows, start=1):
+        print(f"{rank:>3} {row.tier:<8} {row.study_uid}  acc {row.accession_number or '-'}")
+        state = row.reading_state + (f" ({row.claimed_by})" if row.claimed_by else "")
+        facts = (
+            f"    {row.modalities or '-'}  waited {_minutes(row.waited_seconds)}"
+            f"  due in {_minutes(row.due_in_seconds)}  {state}  "
+        )
+        room = max(width - len(facts) - 1, 10)
+        reason = row.reason if len(row.reason) <= room else row.reason[: room - 1] + "…"
+        print(facts + reason)
+
+
 def worklist_command(
     config: ConfigOption = None,
     as_json: JsonOption = False,
     limit: Annotated[int, typer.Option(help="How many studies.")] = 50,
+    output: OutputOption = Output.TABLE,
 ) -> None:
     """The reading worklist in the same order as the web page: most urgent first."""
     settings = load_settings(config)
@@ -52,6 +95,13 @@ def worklist_command(
     rows = [item.row(now=now, viewer_url_template=settings.viewer_url_template) for item in items]
     if as_json:
         print(json.dumps([row.model_dump(mode="json") for row in rows], indent=2))
+        return
+    if output is Output.NAME:
+        for row in rows:
+            print(row.study_uid)
+        return
+    if output is Output.TABLE and console.width < WIDE_TABLE_COLUMNS:
+        _print_worklist_lines(rows, console.width)
         return
     table = Table(title="worklist (most urgent first)")
     for column in (
@@ -65,7 +115,15 @@ def worklist_command(
         "state",
         "reason",
     ):
-        table.add_column(column)
+        wide = output is Output.WIDE
+        table.add_column(
+            column,
+            no_wrap=column in ("study", "accession", "tier") or wide,
+            overflow="fold" if wide else ("ellipsis" if column == "reason" else "fold"),
+            max_width=None if wide or column != "reason" else 60,
+        )
+    if output is Output.WIDE:
+        console.width = max(console.width, 400)
     for rank, row in enumerate(rows, start=1):
         table.add_row(
             str(rank),
@@ -159,6 +217,46 @@ def tokens_create(
     except ValueError as exc:
         exit_with_error(str(exc))
     print(token)
+
+
+@tokens_app.command("list")
+def tokens_list(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Every token: name, role, created, last used, revoked. Never the token itself."""
+    settings = load_settings(config)
+    factory = make_session_factory(open_database(settings))
+    with session_scope(factory) as session:
+        rows: list[dict[str, Any]] = [
+            {
+                "name": t.name,
+                "role": str(t.role),
+                "created_at": t.created_at.isoformat(),
+                "last_used_at": t.last_used_at.isoformat() if t.last_used_at else None,
+                "revoked_at": t.revoked_at.isoformat() if t.revoked_at else None,
+            }
+            for t in session.scalars(select(ApiToken).order_by(ApiToken.name))
+        ]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        console.print("no tokens: `triage-admin tokens create NAME --role ROLE` makes one")
+        return
+    table = Table(title="tokens")
+    for column in ("name", "role", "created", "last used", "revoked"):
+        table.add_column(column, no_wrap=column == "name")
+    for row in rows:
+        table.add_row(
+            row["name"],
+            row["role"],
+            _local_time(row["created_at"]),
+            _local_time(row["last_used_at"]) if row["last_used_at"] else "never",
+            _local_time(row["revoked_at"]) if row["revoked_at"] else "",
+        )
+    console.print(table)
+
+
+def _local_time(iso: str) -> str:
+    return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
 @tokens_app.command("revoke")
