@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
 from triage.audit import add_event
@@ -44,8 +44,16 @@ def queue_deliveries(
 
 
 def is_held(job: Job) -> bool:
-    """Whether the job's results and alerts wait for an approval."""
-    return job.mode == ModelMode.REVIEW and job.approved_at is None
+    """Whether the finished job's results and alerts wait for an approval."""
+    return job.state == WorkState.DONE and job.mode == ModelMode.REVIEW and not job.approved_at
+
+
+HELD: tuple[ColumnElement[bool], ...] = (
+    Job.state == WorkState.DONE,
+    Job.mode == ModelMode.REVIEW,
+    Job.approved_at.is_(None),
+)
+"""``is_held`` as query conditions."""
 
 
 def held_jobs(db_session: Session, study: Study) -> list[Job]:
@@ -53,13 +61,7 @@ def held_jobs(db_session: Session, study: Study) -> list[Job]:
     return list(
         db_session.scalars(
             select(Job)
-            .where(
-                Job.study_id == study.id,
-                Job.round == study.analysis_round,
-                Job.state == WorkState.DONE,
-                Job.mode == ModelMode.REVIEW,
-                Job.approved_at.is_(None),
-            )
+            .where(Job.study_id == study.id, Job.round == study.analysis_round, *HELD)
             .order_by(Job.id)
         )
     )

@@ -56,30 +56,26 @@ class ImageStore:
 
     def keep_result(self, file_id: str, data: bytes) -> None:
         """Make a result file durable where deliveries will read it."""
-        if not self.remote:
-            temporary = self.results / "tmp" / f"{file_id}.part"
-            temporary.parent.mkdir(parents=True, exist_ok=True)
-            write_durably(self.results / f"{file_id}.dcm", data, temporary=temporary)
-            return
-        with self._client() as client:
-            reply = _call(client, "PUT", f"/api/results/{file_id}", content=data)
-        if reply.status_code != 204:
-            raise RetryableError(f"triage serve refused result {file_id}: HTTP {reply.status_code}")
+        self._keep(Path(f"{file_id}.dcm"), data, what=f"result {file_id}")
 
     def keep_key_image(self, file_id: str, png: bytes) -> None:
         """Make a key image durable where the API serves it from."""
+        self._keep(Path("key-images") / f"{file_id}.png", png, what=f"key image {file_id}")
+
+    def _keep(self, relative: Path, data: bytes, *, what: str) -> None:
+        """``data`` durable at ``results/relative`` (through its folder's ``tmp``), on the
+        shared disk, or handed to triage serve (``PUT /api/results/<relative without suffix>``)."""
         if not self.remote:
-            directory = self.results / "key-images"
-            temporary = directory / "tmp" / f"{file_id}.part"
+            final = self.results / relative
+            temporary = final.parent / "tmp" / f"{final.stem}.part"
             temporary.parent.mkdir(parents=True, exist_ok=True)
-            write_durably(directory / f"{file_id}.png", png, temporary=temporary)
+            write_durably(final, data, temporary=temporary)
             return
         with self._client() as client:
-            reply = _call(client, "PUT", f"/api/results/key-images/{file_id}", content=png)
+            path = f"/api/results/{relative.with_suffix('').as_posix()}"
+            reply = _call(client, "PUT", path, content=data)
         if reply.status_code != 204:
-            raise RetryableError(
-                f"triage serve refused key image {file_id}: HTTP {reply.status_code}"
-            )
+            raise RetryableError(f"triage serve refused {what}: HTTP {reply.status_code}")
 
     @contextmanager
     def result_path(self, file_id: str) -> Iterator[Path]:

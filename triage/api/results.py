@@ -37,6 +37,13 @@ def results_dir(settings: Settings) -> Path:
     return settings.data_dir / "results"
 
 
+async def _keep(directory: Path, name: str, data: bytes) -> None:
+    """Write ``directory/name`` durably (through ``directory/tmp``), off the event loop."""
+    temporary = directory / "tmp" / f"{Path(name).stem}.part"
+    temporary.parent.mkdir(parents=True, exist_ok=True)
+    await run_in_threadpool(write_durably, directory / name, data, temporary=temporary)
+
+
 def key_images_dir(settings: Settings) -> Path:
     """Where the key images (PNG previews of positive findings) are kept."""
     return settings.data_dir / "results" / "key-images"
@@ -55,14 +62,7 @@ async def put_key_image(request: Request, caller: WorkerCaller, file_id: FileId)
         return JSONResponse({"detail": "key image too large"}, status_code=413)
     if not data.startswith(PNG_SIGNATURE):
         return JSONResponse({"detail": "not a PNG image"}, status_code=400)
-    directory = key_images_dir(request.app.state.settings)
-    (directory / "tmp").mkdir(parents=True, exist_ok=True)
-    await run_in_threadpool(
-        write_durably,
-        directory / f"{file_id}.png",
-        data,
-        temporary=directory / "tmp" / f"{file_id}.part",
-    )
+    await _keep(key_images_dir(request.app.state.settings), f"{file_id}.png", data)
     return Response(status_code=204)
 
 
@@ -84,15 +84,7 @@ async def put_result(request: Request, caller: WorkerCaller, file_id: FileId) ->
         parse_header(data)
     except DicomInputError as exc:
         return JSONResponse({"detail": f"not a DICOM file: {exc}"}, status_code=400)
-    settings: Settings = request.app.state.settings
-    directory = results_dir(settings)
-    (directory / "tmp").mkdir(parents=True, exist_ok=True)
-    await run_in_threadpool(
-        write_durably,
-        directory / f"{file_id}.dcm",
-        data,
-        temporary=directory / "tmp" / f"{file_id}.part",
-    )
+    await _keep(results_dir(request.app.state.settings), f"{file_id}.dcm", data)
     log.info("result file received", extra={"file_id": file_id, "caller": caller.name})
     return Response(status_code=204)
 

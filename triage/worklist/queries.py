@@ -20,8 +20,9 @@ from triage.db.models import (
     Study,
     WorklistEntry,
 )
-from triage.domain import ModelMode, ReadingState, StudyStatus, Tier, WorkState
+from triage.domain import ModelMode, ReadingState, StudyStatus, Tier
 from triage.notify import registered_channels
+from triage.review import HELD, is_held
 from triage.worklist.records import (
     DeliveryRecord,
     FeedbackRecord,
@@ -137,12 +138,7 @@ def _page_facts(
         db_session.scalars(
             select(Job.study_id)
             .join(Study, Study.id == Job.study_id)
-            .where(
-                *current,
-                Job.state == WorkState.DONE,
-                Job.mode == ModelMode.REVIEW,
-                Job.approved_at.is_(None),
-            )
+            .where(*current, *HELD)
             .distinct()
         )
     )
@@ -301,7 +297,7 @@ def jobs_section(
             series_uid=j.series_uid,
             timings=j.timings,
             mode=j.mode,
-            held=j.state == WorkState.DONE and j.mode == ModelMode.REVIEW and not j.approved_at,
+            held=is_held(j),
             approved_at=_iso(j.approved_at),
             approved_by=j.approved_by,
             findings=[
