@@ -1,7 +1,9 @@
-"""Where results go: destinations from the settings plus enabled peers added with
-``triage-admin peers add``, by name."""
+"""Where results go: destinations from the settings plus those added with
+``triage-admin destinations add`` (rows of the ``peers`` table), by name."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from pydantic import TypeAdapter
 from sqlalchemy import select
@@ -42,3 +44,36 @@ def destinations(settings: Settings, *, db_session: Session) -> dict[str, AnyDes
     for peer in peers:
         found.setdefault(peer.name, peer_destination(peer))
     return found
+
+
+def describe_destination(destination: AnyDestination) -> dict[str, Any]:
+    """A destination's address as stable JSON fields, secrets left out: ``name``, ``kind``
+    (``dimse`` or ``dicomweb``), ``ae_title``, ``host``, ``port`` (DIMSE), ``url`` (DICOMweb),
+    ``tls`` (TLS for DIMSE, https for DICOMweb); fields that do not apply are null."""
+    if isinstance(destination, DimseDestination):
+        return {
+            "name": destination.name,
+            "kind": destination.kind,
+            "ae_title": destination.ae_title,
+            "host": destination.host,
+            "port": destination.port,
+            "url": None,
+            "tls": destination.tls is not None,
+        }
+    return {
+        "name": destination.name,
+        "kind": destination.kind,
+        "ae_title": None,
+        "host": None,
+        "port": None,
+        "url": destination.url,
+        "tls": destination.url.startswith("https://"),
+    }
+
+
+def target(described: dict[str, Any]) -> str:
+    """The address in one short string: ``C-STORE AE@host:port (TLS)`` or ``STOW-RS URL``."""
+    if described["kind"] == "dimse":
+        tls = " (TLS)" if described["tls"] else ""
+        return f"C-STORE {described['ae_title']}@{described['host']}:{described['port']}{tls}"
+    return f"STOW-RS {described['url']}"

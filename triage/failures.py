@@ -22,11 +22,22 @@ class Failure:
     study_uid: str
     what: str  # model, or result kind -> destination
     attempts: int
+    max_attempts: int
     reason: str
     at: datetime | None
 
+    @property
+    def permanent(self) -> bool:
+        """It failed before its last attempt: the error was one that retrying does not fix
+        (a malformed dataset, a refused SOP class, a destination no longer configured)."""
+        return self.attempts < self.max_attempts
 
-def list_failures(*, db_session: Session) -> list[Failure]:
+
+def list_failures(
+    *, db_session: Session, job_max_attempts: int, delivery_max_attempts: int
+) -> list[Failure]:
+    """Failed jobs, then failed deliveries, oldest first; ``*_max_attempts`` are the
+    settings that tell a failure retried to the end from one given up at once."""
     failures = [
         Failure(
             "job",
@@ -34,6 +45,7 @@ def list_failures(*, db_session: Session) -> list[Failure]:
             study_uid,
             f"{job.model_name} {job.model_version}",
             job.attempts,
+            job_max_attempts,
             job.reason or "",
             job.finished_at,
         )
@@ -51,6 +63,7 @@ def list_failures(*, db_session: Session) -> list[Failure]:
             study_uid,
             f"{kind} -> {delivery.destination}",
             delivery.attempts,
+            delivery_max_attempts,
             delivery.last_error or "",
             delivery.touched_at,
         )
@@ -76,6 +89,7 @@ def requeue(
         select(Job).where(Job.id.in_(jobs), Job.state == WorkState.FAILED)
     ):
         job.state = WorkState.QUEUED
+        job.attempts = 0
         job.reason = None
         job.queued_at = job.touched_at = now
         job.finished_at = None

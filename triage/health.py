@@ -24,9 +24,9 @@ from triage.broker import QUEUES, broker_url, queue_depths
 from triage.config import Settings
 from triage.db.base import utcnow
 from triage.db.models import Delivery, DestinationState
-from triage.destinations import destinations
+from triage.destinations import describe_destination, destinations
 from triage.domain import WorkState
-from triage.heartbeat import STALE_AFTER_SECONDS, live_workers, read_serve_beat
+from triage.heartbeat import STALE_AFTER_SECONDS, ServeBeat, live_workers, read_serve_beat
 
 State = Literal["up", "down", "unknown"]
 PROBE_TIMEOUT_SECONDS = 2.0
@@ -64,6 +64,8 @@ class Health:
     workers: list[WorkerLine] = field(default_factory=list)
     destinations: list[DestinationLine] = field(default_factory=list)
     queue_depth: dict[str, int | None] = field(default_factory=dict)
+    destination_note: str | None = None
+    """Why the destinations listed may not be those the running ``triage serve`` sends to."""
 
     @property
     def healthy(self) -> bool:
@@ -93,6 +95,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _gone(beat: ServeBeat, now: datetime) -> bool:
+    """The process that wrote ``beat`` died without stopping: its heartbeat is stale, or its
+    PID is gone on this host."""
+    if beat.age(now).total_seconds() > STALE_AFTER_SECONDS:
+        return True
+    return beat.host == socket.gethostname() and not _pid_alive(beat.pid)
+
+
+def running_beat(settings: Settings, now: datetime) -> ServeBeat | None:
+    """The heartbeat of the ``triage serve`` running on this data directory now, or None."""
+    beat = read_serve_beat(settings)
+    return None if beat is None or beat.stopped or _gone(beat, now) else beat
+
+
 def serve_check(settings: Settings, now: datetime) -> tuple[Check, str | None]:
     """``triage serve``: running, stopped, or gone; and the host its listeners are on."""
     beat = read_serve_beat(settings)
@@ -104,7 +120,7 @@ def serve_check(settings: Settings, now: datetime) -> tuple[Check, str | None]:
     if beat.stopped:
         detail = f"stopped {_ago(age)} (PID {beat.pid} on {beat.host}): start `triage serve`"
         return Check("serve", "down", detail), None
-    if age > STALE_AFTER_SECONDS or (here and not _pid_alive(beat.pid)):
+    if _gone(beat, now):
         detail = (
             f"not running: PID {beat.pid} on {beat.host} last seen {_ago(age)} and did not "
             "stop cleanly (killed or crashed); check its log and start `triage serve`"
@@ -188,10 +204,64 @@ def worker_checks(db_session: Session, now: datetime) -> tuple[list[Check], list
     return checks, lines
 
 
+def nobody_consumes(db_session: Session, queue: str, now: datetime) -> str | None:
+    """A warning when no live worker consumes ``queue``: work sent there waits."""
+    if any(queue in w.queues.split(",") for w in live_workers(db_session, now)):
+        return None
+    return (
+        f"no worker has consumed the {queue} queue in the last {STALE_AFTER_SECONDS:.0f} s: "
+        "the work waits until `triage serve` (local workers) or `triage worker` runs"
+    )
+
+
+@dataclass(frozen=True)
+class DestinationView:
+    """The destinations results go to, as the running ``triage serve`` sends them: its
+    configured ones (from its heartbeat) and those added with ``destinations add``."""
+
+    destinations: list[dict[str, Any]]
+    """``describe_destination`` fields plus ``defined_by``: ``configuration`` or ``added``."""
+    note: str | None
+    """Why these may not be the daemon's: it is not running, or this configuration differs."""
+
+
+def destination_view(db_session: Session, settings: Settings, now: datetime) -> DestinationView:
+    """The destinations of the ``triage serve`` running on this data directory, or of this
+    configuration (with a note saying so) when none runs."""
+    ours = [describe_destination(d) for d in settings.destinations]
+    configured = {d["name"] for d in ours}
+    added = [
+        describe_destination(d) | {"defined_by": "added"}
+        for name, d in destinations(settings, db_session=db_session).items()
+        if name not in configured
+    ]
+    beat = running_beat(settings, now)
+    note = None
+    if beat is None or beat.destinations is None:
+        theirs = ours
+        note = (
+            "triage serve is not running: these are this configuration's destinations"
+            if beat is None
+            else f"triage serve {beat.version} does not report its destinations: these are "
+            "this configuration's"
+        )
+    else:
+        theirs = [dict(d) for d in beat.destinations]
+        if theirs != ours:
+            note = (
+                "the configuration here differs from the running triage serve's: these are "
+                "triage serve's (check --config and TRIAGE_DESTINATIONS)"
+            )
+    names = {d["name"] for d in theirs}
+    listed = [d | {"defined_by": "configuration"} for d in theirs]
+    return DestinationView(listed + [d for d in added if d["name"] not in names], note)
+
+
 def destination_lines(
-    db_session: Session, settings: Settings, now: datetime
+    db_session: Session, names: list[str], now: datetime
 ) -> list[DestinationLine]:
-    names = list(destinations(settings, db_session=db_session))
+    """Backlog, failures, last success, last error and pause of each destination in
+    ``names``, then of any other destination that still has deliveries."""
     counts: dict[tuple[str, WorkState], int] = {
         (name, state): count
         for name, state, count in db_session.execute(
@@ -242,9 +312,15 @@ def collect_health(db_session: Session, settings: Settings, *, serve_self: bool 
     checks.append(broker)
     worker_lines_checks, workers = worker_checks(db_session, now)
     checks += worker_lines_checks
+    if serve_self:
+        names, note = list(destinations(settings, db_session=db_session)), None
+    else:
+        view = destination_view(db_session, settings, now)
+        names, note = [d["name"] for d in view.destinations], view.note
     return Health(
         checks=checks,
         workers=workers,
-        destinations=destination_lines(db_session, settings, now),
+        destinations=destination_lines(db_session, names, now),
         queue_depth=depths,
+        destination_note=note,
     )

@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -31,6 +32,7 @@ from triage.config import Settings
 from triage.db.base import utcnow
 from triage.db.models import WorkerHeartbeat
 from triage.db.session import SessionFactory, session_scope
+from triage.destinations import describe_destination
 from triage.storage.spool import write_durably
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,9 @@ class ServeBeat:
     http_host: str
     http_port: int
     stopped: bool = False
+    destinations: tuple[dict[str, Any], ...] | None = None
+    """The configured destinations this process sends to (as ``describe_destination`` gives
+    them); None in a heartbeat from a version that did not write them."""
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -68,6 +73,9 @@ class ServeBeat:
                 **data,
                 "started_at": datetime.fromisoformat(data["started_at"]),
                 "updated_at": datetime.fromisoformat(data["updated_at"]),
+                "destinations": (
+                    tuple(data["destinations"]) if data.get("destinations") is not None else None
+                ),
             }
         )
 
@@ -107,6 +115,7 @@ class ServeHeartbeat:
             http_host=settings.http_host,
             http_port=settings.http_port,
             stopped=stopped,
+            destinations=tuple(describe_destination(d) for d in settings.destinations),
         )
         path = heartbeat_path(settings)
         write_durably(
@@ -155,7 +164,7 @@ class WorkerHeartbeatThread:
                     beat_worker(session, name=self.name, queues=self.queues)
             except Exception as exc:  # the database is down: status says so on its own
                 log.warning("worker heartbeat not recorded: %s", type(exc).__name__)
-            threading.Event().wait(PERIOD_SECONDS)
+            time.sleep(PERIOD_SECONDS)
 
 
 def live_workers(db_session: Session, now: datetime) -> list[WorkerHeartbeat]:

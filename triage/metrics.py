@@ -12,7 +12,12 @@ import shutil
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client.core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.registry import Collector
+
+from triage.config import Settings
+from triage.db.session import SessionFactory
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 """Where prometheus_client looks for the directory; receiver processes inherit it."""
@@ -74,3 +79,14 @@ class IngestMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=registry,
         )
+
+
+class DatabaseCollector(Collector):
+    """A collector whose metrics are read from the database at each scrape."""
+
+    def __init__(self, settings: Settings, session_factory: SessionFactory) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+
+    def describe(self) -> list[Metric]:
+        return []  # nothing read at registration: the database may not be there yet

@@ -25,8 +25,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from triage.audit import add_event
@@ -37,6 +37,7 @@ from triage.db.models import AuditEvent, Feedback, Finding, Job, Notification, S
 from triage.db.session import SessionFactory, session_scope
 from triage.domain import ModelMode, Verdict, WorkState
 from triage.drift import ScoreReference, check_drift
+from triage.metrics import DatabaseCollector
 from triage.modes import modes
 from triage.notify import registered_channels
 
@@ -292,15 +293,8 @@ class DriftMonitor:
                 log.exception("drift check failed")
 
 
-class ModelStatsCollector(Collector):
+class ModelStatsCollector(DatabaseCollector):
     """Prometheus metrics of each model version, read from the database at each scrape."""
-
-    def __init__(self, settings: Settings, session_factory: SessionFactory) -> None:
-        self.settings = settings
-        self.session_factory = session_factory
-
-    def describe(self) -> list[Metric]:
-        return []  # nothing read at registration: the database may not be there yet
 
     def collect(self) -> Iterator[Metric]:
         labels = ["model", "version"]
@@ -333,8 +327,12 @@ class ModelStatsCollector(Collector):
             "1 while the PSI is above threshold",
             labels=labels,
         )
-        with session_scope(self.session_factory) as session:
-            stats = model_stats(session, self.settings)
+        try:
+            with session_scope(self.session_factory) as session:
+                stats = model_stats(session, self.settings)
+        except SQLAlchemyError as exc:  # the scrape still answers: triage_component_up says why
+            log.warning("model metrics: the database cannot be read: %s", type(exc).__name__)
+            return
         for item in stats:
             key = [item.model, item.version]
             for name, family in families.items():

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import re
+import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -16,6 +22,7 @@ from pathlib import Path
 from triage.config import Settings
 
 VENV_BIN = Path(sys.executable).parent
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def wait_for(condition: Callable[[], bool], *, timeout: float, what: str) -> None:
@@ -132,6 +139,50 @@ def run_admin(
         timeout=timeout,
         check=False,
     )
+
+
+def admin_with(
+    env: Mapping[str, str],
+    *argv: str,
+    columns: int | None = None,
+    timeout: float = 120,
+    program: str = "triage-admin",
+) -> subprocess.CompletedProcess[str]:
+    """``triage-admin ARGV`` (or ``program``) as a real process, with pipes for its output, on
+    this environment plus ``env``; ``COLUMNS`` set to ``columns`` when given."""
+    width: dict[str, str] = {} if columns is None else {"COLUMNS": str(columns)}
+    return subprocess.run(
+        [str(VENV_BIN / program), *argv],
+        env={**os.environ, **width, **env},
+        capture_output=True, text=True, check=False, timeout=timeout,
+    )  # fmt: skip
+
+
+def under_a_terminal(
+    argv: list[str], env: Mapping[str, str], *, columns: int = 80
+) -> tuple[int, str]:
+    """Run ``argv`` with a pseudo-terminal of ``columns`` (and ``TERM=xterm``) as its stdin,
+    stdout and stderr; its exit status and what it printed, with ``\\r\\n`` as ``\\n`` and
+    without ANSI escape sequences."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    clean = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    process = subprocess.Popen(
+        argv, env={**clean, **env, "TERM": "xterm"}, stdin=slave, stdout=slave, stderr=slave
+    )
+    os.close(slave)
+    out = bytearray()
+    while select.select([master], [], [], 60)[0]:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    status = process.wait(timeout=60)
+    os.close(master)
+    return status, ANSI.sub("", out.decode(errors="replace").replace("\r\n", "\n"))
 
 
 def create_token(env: Mapping[str, str], name: str, role: str) -> str:

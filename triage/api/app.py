@@ -15,13 +15,15 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from triage import __version__
 from triage.api import dicomweb, results
-from triage.api.deps import AdminCaller, AnyCaller
+from triage.api.deps import AdminCaller
+from triage.api.metrics_auth import MetricsCaller, RecentTokens
 from triage.api.routes import router
 from triage.api.schemas import Health, Unhealthy
 from triage.broker import TaskSender
 from triage.config import Settings
 from triage.db.session import SessionFactory, session_scope
 from triage.health import collect_health
+from triage.health_metrics import HealthCollector
 from triage.ingest.pipeline import Ingestor
 from triage.monitoring import ModelStatsCollector
 from triage.storage.spool import Spool
@@ -54,7 +56,9 @@ def create_app(
     app.state.ingestor = ingestor
     app.state.spool = ingestor.spool if ingestor is not None else Spool.for_settings(settings)
     app.state.on_request_end = on_request_end
+    app.state.metrics_tokens = RecentTokens()
     registry.register(ModelStatsCollector(settings, session_factory))
+    registry.register(HealthCollector(settings, session_factory))
     app.include_router(router)
     app.include_router(dicomweb.router)
     app.include_router(results.router)
@@ -85,8 +89,10 @@ def create_app(
             return collect_health(session, settings, serve_self=True).as_json()
 
     @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
-    def metrics(caller: AnyCaller) -> Response:
-        """Prometheus exposition of triage's counters and gauges."""
+    def metrics(caller: MetricsCaller) -> Response:
+        """Prometheus exposition of triage's counters and gauges, and of its health as
+        `/healthz/detail` gives it. It answers while the database is down, for a token it
+        verified in the last hour."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

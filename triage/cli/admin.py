@@ -10,21 +10,17 @@ import json
 import os
 import subprocess
 import sys
-from collections import Counter
-from datetime import datetime
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from prometheus_client import CollectorRegistry
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session
 
-from triage.broker import TaskSender
-from triage.cli import loop, peers, reading, sources
+from triage.broker import DISPATCH_QUEUE, INFERENCE_QUEUE, TaskSender
+from triage.cli import completion, destinations, importing, loop, reading, sources, study
 from triage.cli.common import (
     EXIT_UNHEALTHY,
     ConfigOption,
@@ -36,25 +32,25 @@ from triage.cli.common import (
     err_console,
     exit_with_error,
     load_settings,
+    local_time,
     open_database,
+    reply,
 )
+from triage.config import Settings
 from triage.db import migrate
-from triage.db.session import create_db_engine, make_session_factory, session_scope
-from triage.errors import DicomInputError, OutOfResourcesError
-from triage.failures import list_failures, requeue
-from triage.health import Health, collect_health
-from triage.ingest.pipeline import Ingestor
+from triage.db.base import utcnow
+from triage.db.session import SessionFactory, create_db_engine, make_session_factory, session_scope
+from triage.failures import Failure, list_failures, requeue
+from triage.health import Health, collect_health, nobody_consumes
 from triage.ingest.reprocess import ReprocessError, reprocess_by_uid
-from triage.ingest.sources import import_sources
-from triage.metrics import IngestMetrics
 from triage.modes import mode_for
 from triage.status import StatusReport, collect_status
-from triage.storage.spool import Spool
 
 app = OneLineErrors(
     name="triage-admin",
     help=(
-        "Administer triage: database, status, studies, peers, sources, models and failures. "
+        "Administer triage: health, database, worklist, studies, destinations, sources, "
+        "models and failures. "
         "Exit status: 0 done, 1 failed, 2 usage or configuration error, 3 (status) unhealthy. "
         "--debug shows the traceback of an unexpected error."
     ),
@@ -81,7 +77,7 @@ def _engine(config: Any) -> Engine:
 
 
 @db_app.command("upgrade")
-def db_upgrade(config: ConfigOption = None) -> None:
+def db_upgrade(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Create or upgrade the database schema to this version of triage. Safe to run again."""
     engine = _engine(config)
     try:
@@ -89,7 +85,10 @@ def db_upgrade(config: ConfigOption = None) -> None:
         migrate.upgrade(engine)
         after = migrate.current_revision(engine)
     except OperationalError as exc:
-        exit_with_error(f"cannot reach the database {engine.url!r}: {exc.orig}")
+        exit_with_error(f"cannot reach the {database_location(load_settings(config))}: {exc.orig}")
+    if as_json:
+        print(json.dumps({"before": before, "after": after, "upgraded": before != after}))
+        return
     if before == after:
         console.print(f"database already at revision {after}")
     else:
@@ -98,7 +97,9 @@ def db_upgrade(config: ConfigOption = None) -> None:
 
 @app.command("status")
 def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
-    """Whether triage is healthy: `triage serve` (its heartbeat), its DICOM and HTTP listeners,
+    """Whether triage is healthy, and counts by state.
+
+    Whether triage is healthy: `triage serve` (its heartbeat), its DICOM and HTTP listeners,
     the database, the broker, the workers of each queue, and each destination (backlog, last
     success, last error, paused); then counts by state and the latest errors.
 
@@ -137,21 +138,18 @@ def _print_health(health: Health) -> None:
         for d in health.destinations:
             error = d.last_error or ""
             if d.paused_until:
-                error = f"paused until {_local(d.paused_until)}; {error}"
+                error = f"paused until {local_time(d.paused_until)}; {error}"
             destinations.add_row(
                 d.name,
                 marks[d.state],
                 str(d.backlog),
                 str(d.failed),
-                _local(d.last_success_at) if d.last_success_at else "never",
+                local_time(d.last_success_at) if d.last_success_at else "never",
                 error,
             )
         console.print(destinations)
-
-
-def _local(iso: str) -> str:
-    """An ISO time in the local zone, to the second."""
-    return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    if health.destination_note:
+        err_console.print(f"[yellow]warning:[/] {health.destination_note}", soft_wrap=True)
 
 
 def _print_status(report: StatusReport) -> None:
@@ -172,65 +170,15 @@ def _print_status(report: StatusReport) -> None:
     console.print(table)
     if report.last_errors:
         errors = Table(title="latest errors")
-        for column in ("when (UTC)", "kind", "study", "reason"):
-            errors.add_column(column)
+        for column in ("when", "kind", "study", "reason"):
+            errors.add_column(column, no_wrap=column == "study", overflow="fold")
         for line in report.last_errors:
             errors.add_row(
-                line.at.strftime("%Y-%m-%d %H:%M:%S"), line.kind, line.study_uid or "", line.reason
+                local_time(line.at.isoformat()), line.kind, line.study_uid or "", line.reason
             )
         console.print(errors)
     else:
         console.print("no errors recorded")
-
-
-@app.command("import")
-def import_files(
-    path: Annotated[
-        Path,
-        typer.Argument(help="A folder of DICOM files (searched recursively) or a DICOMDIR."),
-    ],
-    config: ConfigOption = None,
-    as_json: JsonOption = False,
-) -> None:
-    """Ingest files through the same path as the DICOM listener (for back-loading, or testing
-    without a PACS). A running `triage serve` sees the studies complete as usual."""
-    settings = load_settings(config)
-    files = list(import_sources(path))
-    if not files:
-        exit_with_error(f"no files found under {path}")
-    open_database(settings).dispose()  # exists, schema current: one line otherwise
-    engine = create_db_engine(settings.database_url, rebuildable=True)
-    ingestor = Ingestor(
-        spool=Spool.for_settings(settings),
-        engine=engine,
-        metrics=IngestMetrics(CollectorRegistry()),
-    )
-    outcomes: Counter[str] = Counter()
-    with Progress(console=err_console, disable=as_json) as progress:
-        task = progress.add_task("importing", total=len(files))
-        for file in files:
-            outcomes[_import_one(ingestor, file)] += 1
-            progress.advance(task)
-    ingestor.close()
-    engine.dispose()
-    if as_json:
-        print(json.dumps(dict(outcomes), indent=2, sort_keys=True))
-    else:
-        for outcome, count in sorted(outcomes.items()):
-            console.print(f"{outcome}: {count}")
-    if outcomes.get("out-of-resources"):
-        raise typer.Exit(1)
-
-
-def _import_one(ingestor: Ingestor, file: Path) -> str:
-    try:
-        return str(
-            ingestor.ingest(file.read_bytes(), calling_ae=None, source="import").result.outcome
-        )
-    except DicomInputError:
-        return "rejected"
-    except OutOfResourcesError:
-        return "out-of-resources"
 
 
 models_app = typer.Typer(help="Detection models.", no_args_is_help=True)
@@ -239,7 +187,9 @@ app.add_typer(models_app, name="models")
 
 @models_app.command("list")
 def models_list(config: ConfigOption = None, as_json: JsonOption = False) -> None:
-    """Every model found (bundled and in models_dir): version, what it applies to, the device it
+    """Every model, its version, mode and whether it loads.
+
+    Every model found (bundled and in models_dir): version, what it applies to, the device it
     runs on and whether it loads. Loads each model once, as a worker would."""
     settings = load_settings(config)  # one clear line, exit 2, on a bad configuration
     env = dict(os.environ)
@@ -297,50 +247,97 @@ def reprocess(
         str | None, typer.Option("--model", help="Only this model (default: every routed one).")
     ] = None,
     config: ConfigOption = None,
+    as_json: JsonOption = False,
 ) -> None:
-    """Analyse a study again. Results replace the earlier ones (same DICOM UIDs)."""
+    """Analyse a study again. Results replace the earlier ones (same DICOM UIDs).
+
+    Warns when no worker consumes the inference queue: the jobs then wait for one."""
     settings = load_settings(config)
+    factory = make_session_factory(open_database(settings))
     try:
         job_ids = reprocess_by_uid(
             settings=settings,
-            session_factory=make_session_factory(open_database(settings)),
+            session_factory=factory,
             study_uid=study_uid,
             model=model,
             actor="triage-admin",
         )
     except ReprocessError as exc:
         exit_with_error(str(exc))
+    sent = _send(settings, jobs=job_ids, deliveries=[])
+    _warn_unattended(factory, [INFERENCE_QUEUE])
+    reply(
+        as_json,
+        {"study_uid": study_uid, "jobs": job_ids, "sent": sent},
+        f"queued {len(job_ids)} job(s) for {study_uid}; {sent} sent to the broker",
+    )
+
+
+def _send(settings: Settings, *, jobs: list[int], deliveries: list[int]) -> int:
+    """Send the tasks; return how many the broker took (the sweeper re-sends the others)."""
     sender = TaskSender(settings)
-    sent = sum(sender.analyze_study(job_id) for job_id in job_ids)
+    sent = sum(sender.analyze_study(job_id) for job_id in jobs)
+    sent += sum(sender.dispatch_result(delivery_id) for delivery_id in deliveries)
     sender.close()
-    console.print(f"queued {len(job_ids)} job(s) for {study_uid}; {sent} sent to the broker")
+    if sent < len(jobs) + len(deliveries):
+        err_console.print(
+            f"[yellow]warning:[/] the broker took {sent} of {len(jobs) + len(deliveries)} "
+            "task(s): the rest stay queued in the database and triage serve sends them again "
+            "once the broker answers (`triage-admin status` shows the broker)",
+            soft_wrap=True,
+        )
+    return sent
+
+
+def _warn_unattended(factory: SessionFactory, queues: list[str]) -> None:
+    with session_scope(factory) as session:
+        warnings = [nobody_consumes(session, queue, utcnow()) for queue in queues]
+    for warning in filter(None, warnings):
+        err_console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
 
 
 failures_app = typer.Typer(help="Failed jobs and deliveries.", no_args_is_help=True)
 app.add_typer(failures_app, name="failures")
 
 
+def _failures(session: Session, settings: Settings) -> list[Failure]:
+    return list_failures(
+        db_session=session,
+        job_max_attempts=settings.job_max_attempts,
+        delivery_max_attempts=settings.delivery_max_attempts,
+    )
+
+
 @failures_app.command("list")
 def failures_list(config: ConfigOption = None, as_json: JsonOption = False) -> None:
-    """Jobs and deliveries that failed for good, with the reason."""
+    """Jobs and deliveries that failed for good, with the reason.
+
+    "permanent" marks one that failed before its last attempt, with an error that retrying
+    does not fix: mend the cause (the study, the model, the destination) before a retry."""
     settings = load_settings(config)
     with session_scope(make_session_factory(open_database(settings))) as session:
-        failures = list_failures(db_session=session)
+        failures = _failures(session, settings)
     if as_json:
         rows = [
-            {**dataclasses.asdict(f), "at": f.at.isoformat() if f.at else None} for f in failures
+            {
+                **dataclasses.asdict(f),
+                "permanent": f.permanent,
+                "at": f.at.isoformat() if f.at else None,
+            }
+            for f in failures
         ]
         print(json.dumps(rows, indent=2))
         return
     if not failures:
         console.print("no failures")
         return
-    table = Table(title="failures")
-    for column in ("kind", "id", "study", "what", "attempts", "reason"):
-        table.add_column(column)
-    for f in failures:
-        table.add_row(f.kind, str(f.id), f.study_uid, f.what, str(f.attempts), f.reason)
-    console.print(table)
+    print(f"failures ({len(failures)}), oldest first")
+    for f in failures:  # lines, not a table: a table would cut the Study UID at 80 columns
+        when = local_time(f.at.isoformat()) if f.at else "-"
+        kind = "permanent" if f.permanent else f"after {f.attempts} attempts"
+        print(f"{f.kind} {f.id}  {f.study_uid}")
+        print(f"    {when}  {f.what}  {kind}")
+        print(f"    {f.reason}")
 
 
 @failures_app.command("retry")
@@ -353,13 +350,17 @@ def failures_retry(
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Queue failed jobs and deliveries again (see `failures list` for their ids)."""
+    """Queue failed jobs and deliveries again (see `failures list` for their ids).
+
+    Warns about a permanent failure (it will fail again unless its cause was mended) and when
+    no worker consumes the queue the work goes to."""
     settings = load_settings(config)
     if not (job or delivery or retry_all):
         exit_with_error("name --job ID, --delivery ID or --all")
-    with session_scope(make_session_factory(open_database(settings))) as session:
+    factory = make_session_factory(open_database(settings))
+    with session_scope(factory) as session:
+        failures = _failures(session, settings)
         if retry_all:
-            failures = list_failures(db_session=session)
             job = [f.id for f in failures if f.kind == "job"]
             delivery = [f.id for f in failures if f.kind == "delivery"]
         jobs, deliveries = requeue(
@@ -374,19 +375,37 @@ def failures_retry(
                 f"not failed, or no such id: {', '.join(missing)}; nothing re-queued "
                 "(`triage-admin failures list` shows the failed ones)"
             )
-    sender = TaskSender(settings)
-    for job_id in jobs:
-        sender.analyze_study(job_id)
-    for delivery_id in deliveries:
-        sender.dispatch_result(delivery_id)
-    sender.close()
+    retried = {("job", i) for i in jobs} | {("delivery", i) for i in deliveries}
+    permanent = [f for f in failures if f.permanent and (f.kind, f.id) in retried]
+    for f in permanent:
+        err_console.print(
+            f"[yellow]warning:[/] {f.kind} {f.id} failed on attempt {f.attempts} of "
+            f"{f.max_attempts} with an error that retrying does not fix ({f.reason[:200]}): "
+            "it will fail again unless that was mended",
+            soft_wrap=True,
+        )
+    sent = _send(settings, jobs=jobs, deliveries=deliveries)
+    queues = [INFERENCE_QUEUE] * bool(jobs) + [DISPATCH_QUEUE] * bool(deliveries)
+    _warn_unattended(factory, queues)
     if as_json:
-        print(json.dumps({"jobs": jobs, "deliveries": deliveries}))
+        print(
+            json.dumps(
+                {
+                    "jobs": jobs,
+                    "deliveries": deliveries,
+                    "sent": sent,
+                    "permanent": [{"kind": f.kind, "id": f.id} for f in permanent],
+                }
+            )
+        )
         return
     console.print(f"re-queued {len(jobs)} job(s) and {len(deliveries)} delivery(ies)")
 
 
 reading.register(app)
+importing.register(app)
+study.register(app)
 loop.register(app, models_app)
-peers.register(app)
+destinations.register(app)
 sources.register(app)
+completion.register(app)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -37,6 +39,19 @@ ConfigOption = Annotated[
 ]
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def local_time(iso: str) -> str:
+    """An ISO time in the local zone, to the second: what an administrator reads."""
+    return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def reply(as_json: bool, data: Any, text: str) -> None:
+    """A command's answer: ``data`` as JSON on stdout with ``--json``, else ``text``."""
+    if as_json:
+        print(json.dumps(data, indent=2))
+    else:
+        Console(highlight=False).print(text, soft_wrap=True)
 
 
 def exit_with_error(message: str, code: int = 1) -> NoReturn:
@@ -139,8 +154,8 @@ def _reason(exc: BaseException) -> str:
 def add_version_option(app: typer.Typer, program: str) -> None:
     """``PROGRAM --version`` prints ``PROGRAM <version>``."""
 
-    def show(value: bool) -> None:
-        if value:
+    def show(ctx: typer.Context, value: bool) -> None:
+        if value and not ctx.resilient_parsing:  # not while the shell completes a command line
             print(f"{program} {__version__}")
             raise typer.Exit()
 

@@ -42,7 +42,9 @@ def models_mode(
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Set a model version's deployment mode. shadow: findings recorded for admins only, no
+    """Set a model version's deployment mode: shadow, review or clinical.
+
+    shadow: findings recorded for admins only, no
     worklist change, nothing sent. review: findings rank the worklist; results and alerts wait
     for an approval. clinical: everything at once (the default). Applies to runs from now on
     (`reprocess` runs a study again); audited."""
@@ -85,7 +87,9 @@ def models_stats(
     as_json: JsonOption = False,
     days: Annotated[int, typer.Option(help="How many days back.")] = 30,
 ) -> None:
-    """Per model version: studies analysed, positive and alert rates, feedback, agreement, PPV
+    """Monitoring per model version, with drift alarms.
+
+    Per model version: studies analysed, positive and alert rates, feedback, agreement, PPV
     estimate, failures, median run time, and score drift (PSI against the model's reference;
     ALARM above drift_psi_threshold). Exits 3 while any version is in drift alarm."""
     settings = load_settings(config)
@@ -158,7 +162,9 @@ def feedback_export(
         str | None, typer.Option(help="Only feedback from this date or time on (UTC).")
     ] = None,
 ) -> None:
-    """Every verdict readers gave (agree, disagree, unsure), oldest first, with the reader,
+    """Readers' verdicts on findings, as CSV or JSON.
+
+    Every verdict readers gave (agree, disagree, unsure), oldest first, with the reader,
     the time, the finding and the model version, as CSV (default) or JSON, on stdout."""
     if as_json and as_csv:
         exit_with_error("choose --json or --csv, not both", 2)

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from triage.cli import completion
 from triage.cli.common import (
     ConfigOption,
     OneLineErrors,
@@ -117,3 +118,6 @@ def worker(
     os.environ["TRIAGE_LOG_LEVEL"] = settings.log_level
     # The worker is its own process: triage never imports workers.
     os.execv(sys.executable, argv)  # noqa: S606
+
+
+completion.register(app)

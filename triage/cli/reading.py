@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import json
-from datetime import datetime
 from typing import Annotated, Any
 
 import typer
@@ -18,18 +17,19 @@ from triage.cli.common import (
     JsonOption,
     exit_with_error,
     load_settings,
+    local_time,
     open_database,
+    reply,
 )
 from triage.db.base import utcnow
 from triage.db.models import ApiToken
 from triage.db.session import make_session_factory, session_scope
 from triage.domain import TokenRole
-from triage.worklist.queries import study_record, worklist
+from triage.worklist.queries import worklist
 from triage.worklist.records import WorklistRow
 
 console = Console(highlight=False)
 
-study_app = typer.Typer(help="One study's record.", no_args_is_help=True)
 tokens_app = typer.Typer(
     help="Bearer tokens for the HTTP API and the web page.", no_args_is_help=True
 )
@@ -139,61 +139,6 @@ def worklist_command(
     console.print(table)
 
 
-@study_app.command("show")
-def study_show(
-    study_uid: Annotated[str, typer.Argument(help="Study Instance UID.")],
-    config: ConfigOption = None,
-    as_json: JsonOption = False,
-) -> None:
-    """Status, jobs and findings, result objects, deliveries and priority history of a study."""
-    settings = load_settings(config)
-    factory = make_session_factory(open_database(settings))
-    with session_scope(factory) as session:
-        record = study_record(db_session=session, study_uid=study_uid)
-    if record is None:
-        exit_with_error(f"no study {study_uid}")
-    if as_json:
-        print(json.dumps(record.model_dump(mode="json"), indent=2))
-        return
-    console.print(
-        f"[bold]{record.study_uid}[/]  status: {record.status}"
-        + (f" ({record.status_reason})" if record.status_reason else "")
-    )
-    if (w := record.worklist) is not None:
-        console.print(f"worklist: {w.tier} {w.reading_state} - {w.reason}")
-        if w.acknowledged_by:
-            console.print(f"alert acknowledged by {w.acknowledged_by} at {w.acknowledged_at}")
-    for job in record.jobs:
-        mode = (
-            ""
-            if job.mode == "clinical"
-            else f" [{job.mode}{', held for review' if job.held else ''}]"
-        )
-        console.print(
-            f"job {job.id} {job.model} {job.version}: {job.state}{mode}"
-            + (f" ({job.reason})" if job.reason else "")
-        )
-        for f in job.findings:
-            volume = f" {f.volume_ml:.1f} mL" if f.volume_ml else ""
-            image = " (key image)" if f.key_image_url else ""
-            console.print(
-                f"  finding {f.id} {f.kind} {f.label}: p={f.probability:.3f}"
-                f" {'positive' if f.positive else 'negative'}{volume}{image}"
-            )
-    for r in record.results:
-        withdrawn = f" (withdrawn {r.retracted_at})" if r.retracted_at else ""
-        console.print(f"result {r.kind} {r.sop_instance_uid}{withdrawn}")
-    for d in record.deliveries:
-        console.print(f"delivery {d.id} {d.result} -> {d.destination}: {d.state}")
-    for h in record.priority_history:
-        console.print(f"{h.at}: {h.reason}")
-    for fb in record.feedback:
-        target = f"finding {fb.finding}" if fb.finding is not None else "study"
-        console.print(f"feedback {fb.at} {fb.reader} on {target}: {fb.verdict}")
-        if fb.comment:
-            console.print(f"  {fb.comment}", markup=False)
-
-
 @tokens_app.command("create")
 def tokens_create(
     name: Annotated[str, typer.Argument(help="Who or what uses the token, e.g. dr.smith.")],
@@ -207,8 +152,9 @@ def tokens_create(
         ),
     ] = TokenRole.RADIOLOGIST,
     config: ConfigOption = None,
+    as_json: JsonOption = False,
 ) -> None:
-    """Create a token and print it once; only its hash is kept."""
+    """Create a token and print it once, alone on the last line; only its hash is kept."""
     settings = load_settings(config)
     factory = make_session_factory(open_database(settings))
     try:
@@ -216,6 +162,9 @@ def tokens_create(
             token = create_token(db_session=session, name=name, role=role)
     except ValueError as exc:
         exit_with_error(str(exc))
+    if as_json:
+        print(json.dumps({"name": name, "role": str(role), "token": token}))
+        return
     print(token)
 
 
@@ -248,31 +197,28 @@ def tokens_list(config: ConfigOption = None, as_json: JsonOption = False) -> Non
         table.add_row(
             row["name"],
             row["role"],
-            _local_time(row["created_at"]),
-            _local_time(row["last_used_at"]) if row["last_used_at"] else "never",
-            _local_time(row["revoked_at"]) if row["revoked_at"] else "",
+            local_time(row["created_at"]),
+            local_time(row["last_used_at"]) if row["last_used_at"] else "never",
+            local_time(row["revoked_at"]) if row["revoked_at"] else "",
         )
     console.print(table)
 
 
-def _local_time(iso: str) -> str:
-    return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S")
-
-
 @tokens_app.command("revoke")
 def tokens_revoke(
-    name: Annotated[str, typer.Argument(help="The token's name.")], config: ConfigOption = None
+    name: Annotated[str, typer.Argument(help="The token's name.")],
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Revoke a token at once."""
     settings = load_settings(config)
     factory = make_session_factory(open_database(settings))
     with session_scope(factory) as session:
         if not revoke_token(db_session=session, name=name):
-            exit_with_error(f"no live token named {name}")
-    console.print(f"revoked {name}")
+            exit_with_error(f"no live token named {name} (`triage-admin tokens list`)")
+    reply(as_json, {"revoked": name}, f"revoked {name}")
 
 
 def register(app: typer.Typer) -> None:
     app.command("worklist")(worklist_command)
-    app.add_typer(study_app, name="study")
     app.add_typer(tokens_app, name="tokens")

@@ -17,9 +17,11 @@ from sqlalchemy.orm import Session
 from triage.cli.common import (
     ConfigOption,
     JsonOption,
+    err_console,
     exit_with_error,
     load_settings,
     open_database,
+    reply,
 )
 from triage.config import DimseDestination
 from triage.db.base import utcnow
@@ -27,6 +29,7 @@ from triage.db.models import PulledStudy, Source
 from triage.db.session import create_db_engine, make_session_factory, session_scope
 from triage.destinations import parse_destination
 from triage.domain import PeerKind
+from triage.health import running_beat
 from triage.results.senders.stow import redacted_url
 
 console = Console(highlight=False)
@@ -115,8 +118,11 @@ def sources_add(
         ),
     ] = None,
     config: ConfigOption = None,
+    as_json: JsonOption = False,
 ) -> None:
-    """Add an archive to poll: DICOMweb (QIDO-RS to find, WADO-RS to retrieve) or DIMSE
+    """Add an archive to poll.
+
+    DICOMweb (QIDO-RS to find, WADO-RS to retrieve) or DIMSE
     (C-FIND to find, C-MOVE to triage's AE title, which the archive must know)."""
     settings = load_settings(config)
     try:
@@ -154,21 +160,27 @@ def sources_add(
             source.kind, source.url = PeerKind.DICOMWEB, endpoint.url.rstrip("/")
             where = redacted_url(endpoint.url)
         session.add(source)
-    console.print(f"added {name}: {where}, studies from {start} on")
+    reply(
+        as_json,
+        {"name": name, "kind": str(source.kind), "where": where, "since": start},
+        f"added {name}: {where}, studies from {start} on",
+    )
 
 
 @sources_app.command("remove")
 def sources_remove(
-    name: Annotated[str, typer.Argument(help="The source's name.")], config: ConfigOption = None
+    name: Annotated[str, typer.Argument(help="The source's name.")],
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Stop polling an archive (what was retrieved from it stays)."""
     settings = load_settings(config)
     with session_scope(make_session_factory(open_database(settings))) as session:
         source = session.scalar(select(Source).where(Source.name == name))
         if source is None:
-            exit_with_error(f"no source named {name}")
+            exit_with_error(f"no source named {name} (`triage-admin sources list`)")
         session.delete(source)
-    console.print(f"removed {name}")
+    reply(as_json, {"removed": name}, f"removed {name}")
 
 
 @sources_app.command("poll")
@@ -177,7 +189,9 @@ def sources_poll(
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Search an archive now and retrieve what is new (exit status 1 if it fails). Studies
+    """Search an archive now and retrieve what is new.
+
+    Exit status 1 if it fails. Studies
     retrieved here complete after the quiet period, as triage serve learns of them then."""
     from triage.ingest.pipeline import Ingestor
     from triage.metrics import IngestMetrics
@@ -206,6 +220,12 @@ def sources_poll(
         console.print(
             f"{name}: {report.found} studies found, {len(report.pulled)} retrieved"
             + (f"; FAILED: {report.error}" if report.error else "")
+        )
+    if report.pulled and running_beat(settings, utcnow()) is None:
+        err_console.print(
+            "[yellow]warning:[/] triage serve is not running: the studies retrieved complete "
+            "and are analysed once it runs",
+            soft_wrap=True,
         )
     if report.error:
         raise typer.Exit(1)

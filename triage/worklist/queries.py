@@ -20,7 +20,7 @@ from triage.db.models import (
     Study,
     WorklistEntry,
 )
-from triage.domain import ModelMode, ReadingState, StudyStatus, Tier
+from triage.domain import ModelMode, ReadingState, StudyStatus, Tier, WorkState
 from triage.notify import registered_channels
 from triage.review import HELD, is_held
 from triage.worklist.records import (
@@ -319,6 +319,9 @@ def jobs_section(
                 )
                 for f in j.findings
             ],
+            queued_at=j.queued_at.isoformat(),
+            started_at=_iso(j.started_at),
+            finished_at=_iso(j.finished_at),
         )
         for j in jobs
     ]
@@ -357,6 +360,8 @@ def deliveries_section(db_session: Session, study: Study) -> list[DeliveryRecord
             attempts=d.attempts,
             last_error=d.last_error,
             delivered_at=_iso(d.delivered_at),
+            result_uid=d.result.sop_instance_uid,
+            next_attempt_at=_iso(d.next_attempt_at) if d.state == WorkState.QUEUED else None,
         )
         for d in deliveries
     ]

@@ -102,6 +102,9 @@ class JobRecord(_Record):
     approved_at: str | None
     approved_by: str | None
     findings: list[FindingRecord]
+    queued_at: str = Field(description="When it was last queued (a retry or reprocess too).")
+    started_at: str | None = Field(description="When its last run started; null: not yet.")
+    finished_at: str | None = Field(description="When its last run ended; null: not yet.")
 
 
 class ResultRecord(_Record):
@@ -122,6 +125,10 @@ class DeliveryRecord(_Record):
     attempts: int
     last_error: str | None
     delivered_at: str | None
+    result_uid: str = Field(description="The SOP Instance UID of the result object it sends.")
+    next_attempt_at: str | None = Field(
+        description="When a queued delivery is tried (again); null unless queued."
+    )
 
 
 class WorklistPosition(_Record):
