@@ -331,7 +331,11 @@ def test_study_panel_feedback_and_acknowledgment(
         lambda d: "acknowledge" not in row_of(d, positive.study_uid)["actions"],
         "the row still asks for an acknowledgment",
     )
-    assert "acknowledged" in driver.find_element(By.ID, "announcer").text.lower()
+    wait_until(  # the page says it a tick later, so that a screen reader repeats it
+        driver,
+        lambda d: "acknowledged" in d.find_element(By.ID, "announcer").text.lower(),
+        "the acknowledgment is not announced",
+    )
 
     # A run held for review: approve it in the panel; its alert then asks to be acknowledged.
     driver.find_element(

@@ -27,9 +27,10 @@ def admin(settings: Settings, *argv: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_study_worklist_reprocess_and_failures(
-    settings: Settings, tmp_path: Path, stack_factory: StackFactory
+    settings: Settings, tmp_path: Path, stack_factory: StackFactory, database_url: str
 ) -> None:
     settings = cxr_settings(settings, tmp_path / "models")
+    settings = settings.model_copy(update={"database_url": database_url})
     stack = stack_factory(settings)
     study = radiograph(tmp_path / "cr")
     stack.ingest(*study.paths)

@@ -90,6 +90,8 @@ def test_tokens_list_shows_names_and_roles_never_the_token(database: dict[str, s
     assert '"name": "dr.who"' in listed.stdout
     assert '"role": "radiologist"' in listed.stdout
     assert token not in listed.stdout + admin_with(database, "tokens", "list", columns=200).stdout
+    names = admin_with(database, "tokens", "list", "-o", "name")
+    assert names.stdout.splitlines() == ["dr.who"]
 
 
 def test_version_and_short_help() -> None:

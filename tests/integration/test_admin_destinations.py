@@ -71,6 +71,10 @@ def test_destinations_are_the_daemons_and_an_added_one_with_its_health(
         table = admin_with(shell, "destinations", "list", columns=200)
         assert daemon_destination in table.stdout
         assert f"C-STORE DAEMON@127.0.0.1:{daemon_port}" in table.stdout
+        names = admin_with(shell, "destinations", "list", "-o", "name")
+        assert names.stdout.splitlines() == [daemon_destination, "archive"]
+        narrow = admin_with(shell, "destinations", "list", columns=80)  # lines, nothing cut
+        assert f"{daemon_destination}  C-STORE DAEMON@127.0.0.1:{daemon_port}" in narrow.stdout
 
         health = json.loads(admin_with(shell, "status", "--json", columns=200).stdout)["health"]
         assert [d["name"] for d in health["destinations"]] == [daemon_destination, "archive"]

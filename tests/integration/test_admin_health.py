@@ -109,11 +109,17 @@ def test_status_says_serve_is_down_after_sigkill_and_exits_unhealthy(
 
 
 def test_status_names_a_destination_that_is_down_with_its_backlog_and_last_error(
-    settings: Settings, tmp_path: Path, stack_factory: StackFactory, orthanc_factory: OrthancFactory
+    settings: Settings,
+    tmp_path: Path,
+    stack_factory: StackFactory,
+    orthanc_factory: OrthancFactory,
+    database_url: str,
 ) -> None:
     pacs = orthanc_factory()
     destination = DimseDestination(ae_title="ORTHANC", host="127.0.0.1", port=pacs.dicom_port)
-    settings = settings.model_copy(update={"destinations": [destination]})
+    settings = settings.model_copy(
+        update={"destinations": [destination], "database_url": database_url}
+    )
     _, factory, context = analysed_phantom(settings, stack_factory, tmp_path)
     pacs.stop()
     with session_scope(factory) as session:

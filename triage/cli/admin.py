@@ -26,6 +26,8 @@ from triage.cli.common import (
     ConfigOption,
     JsonOption,
     OneLineErrors,
+    Output,
+    OutputOption,
     add_version_option,
     database_exists,
     database_location,
@@ -34,6 +36,7 @@ from triage.cli.common import (
     load_settings,
     local_time,
     open_database,
+    print_names,
     reply,
 )
 from triage.config import Settings
@@ -144,7 +147,7 @@ def _print_health(health: Health) -> None:
                 marks[d.state],
                 str(d.backlog),
                 str(d.failed),
-                local_time(d.last_success_at) if d.last_success_at else "never",
+                local_time(d.last_success_at, none="never"),
                 error,
             )
         console.print(destinations)
@@ -186,7 +189,9 @@ app.add_typer(models_app, name="models")
 
 
 @models_app.command("list")
-def models_list(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+def models_list(
+    config: ConfigOption = None, as_json: JsonOption = False, output: OutputOption = Output.TABLE
+) -> None:
     """Every model, its version, mode and whether it loads.
 
     Every model found (bundled and in models_dir): version, what it applies to, the device it
@@ -222,6 +227,9 @@ def models_list(config: ConfigOption = None, as_json: JsonOption = False) -> Non
             status["mode"] = None
     if as_json:
         print(json.dumps(statuses, indent=2))
+        return
+    if output is Output.NAME:
+        print_names([status["name"] for status in statuses])
         return
     table = Table(title="models")
     for column in ("name", "version", "mode", "format", "applies to", "device", "state"):
@@ -333,7 +341,7 @@ def failures_list(config: ConfigOption = None, as_json: JsonOption = False) -> N
         return
     print(f"failures ({len(failures)}), oldest first")
     for f in failures:  # lines, not a table: a table would cut the Study UID at 80 columns
-        when = local_time(f.at.isoformat()) if f.at else "-"
+        when = local_time(f.at.isoformat() if f.at else None)
         kind = "permanent" if f.permanent else f"after {f.attempts} attempts"
         print(f"{f.kind} {f.id}  {f.study_uid}")
         print(f"    {when}  {f.what}  {kind}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import sys
 from datetime import datetime
@@ -41,8 +42,36 @@ ConfigOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 
-def local_time(iso: str) -> str:
-    """An ISO time in the local zone, to the second: what an administrator reads."""
+class Output(enum.StrEnum):
+    """``-o`` of the listing commands, as kubectl has it."""
+
+    TABLE = "table"
+    WIDE = "wide"
+    NAME = "name"
+
+
+OutputOption = Annotated[
+    Output,
+    typer.Option(
+        "--output",
+        "-o",
+        help="table (fits the terminal; names are never cut), wide (a table whatever the "
+        "width), or name (one name per line, for scripts).",
+    ),
+]
+
+
+def print_names(names: list[str]) -> None:
+    """``-o name``: each name once, in order, one per line."""
+    for name in dict.fromkeys(names):
+        print(name)
+
+
+def local_time(iso: str | None, none: str = "-") -> str:
+    """An ISO time in the local zone, to the second, as an administrator reads it; ``none``
+    for no time."""
+    if not iso:
+        return none
     return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 

@@ -18,11 +18,14 @@ from sqlalchemy import select
 from triage.cli.common import (
     ConfigOption,
     JsonOption,
+    Output,
+    OutputOption,
     err_console,
     exit_with_error,
     load_settings,
     local_time,
     open_database,
+    print_names,
     reply,
 )
 from triage.config import DimseDestination, Settings
@@ -48,12 +51,10 @@ def _factory(settings: Settings) -> SessionFactory:
     return make_session_factory(open_database(settings))
 
 
-def _local(iso: str | None) -> str:
-    return local_time(iso) if iso else ""
-
-
 @destinations_app.command("list")
-def destinations_list(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+def destinations_list(
+    config: ConfigOption = None, as_json: JsonOption = False, output: OutputOption = Output.TABLE
+) -> None:
     """Every destination the running triage serve sends to, with its health.
 
     Its configured destinations come from its heartbeat (so a shell with other settings still
@@ -86,9 +87,14 @@ def destinations_list(config: ConfigOption = None, as_json: JsonOption = False) 
     if as_json:
         print(json.dumps(rows, indent=2))
         return
+    if output is Output.NAME:
+        print_names([row["name"] for row in rows])
+        return
     if not rows:
         console.print("no destinations: results are built but not sent")
         return
+    if output is Output.WIDE:
+        console.width = max(console.width, 200)
     if console.width < WIDE_TABLE_COLUMNS:
         _print_lines(rows)
         return
@@ -107,7 +113,7 @@ def destinations_list(config: ConfigOption = None, as_json: JsonOption = False) 
             row["defined_by"],
             "[green]up[/]" if row["state"] == "up" else "[bold red]DOWN[/]",
             str(row["backlog"]),
-            _local(row["last_success_at"]) or "never",
+            local_time(row["last_success_at"], none="never"),
             _trouble(row),
         )
     console.print(table)
@@ -119,7 +125,7 @@ def _trouble(row: dict[str, Any]) -> str:
     if row["failed"]:
         parts.append(f"{row['failed']} failed for good")
     if row["paused_until"]:
-        parts.append(f"paused until {_local(row['paused_until'])}")
+        parts.append(f"paused until {local_time(row['paused_until'])}")
     if row["last_error"]:
         parts.append(row["last_error"])
     return "; ".join(parts)
@@ -133,7 +139,7 @@ def _print_lines(rows: list[dict[str, Any]]) -> None:
         print(f"{row['name']}  {target(row)}  ({row['defined_by']})")
         print(
             f"    {state}  backlog {row['backlog']}  "
-            f"last success {_local(row['last_success_at']) or 'never'}"
+            f"last success {local_time(row['last_success_at'], none='never')}"
         )
         if trouble := _trouble(row):
             print(f"    {trouble}")

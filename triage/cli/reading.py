@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import json
 from typing import Annotated, Any
 
@@ -15,10 +14,13 @@ from triage.api.tokens import create_token, revoke_token
 from triage.cli.common import (
     ConfigOption,
     JsonOption,
+    Output,
+    OutputOption,
     exit_with_error,
     load_settings,
     local_time,
     open_database,
+    print_names,
     reply,
 )
 from triage.db.base import utcnow
@@ -43,13 +45,7 @@ def _minutes(seconds: float | None) -> str:
     return f"{sign}{hours}h{minutes:02d}" if hours else f"{sign}{minutes} min"
 
 
-class Output(enum.StrEnum):
-    TABLE = "table"
-    WIDE = "wide"
-    NAME = "name"
-
-
-OutputOption = Annotated[
+WorklistOutput = Annotated[
     Output,
     typer.Option(
         "--output",
@@ -84,7 +80,7 @@ def worklist_command(
     config: ConfigOption = None,
     as_json: JsonOption = False,
     limit: Annotated[int, typer.Option(help="How many studies.")] = 50,
-    output: OutputOption = Output.TABLE,
+    output: WorklistOutput = Output.TABLE,
 ) -> None:
     """The reading worklist in the same order as the web page: most urgent first."""
     settings = load_settings(config)
@@ -169,7 +165,9 @@ def tokens_create(
 
 
 @tokens_app.command("list")
-def tokens_list(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+def tokens_list(
+    config: ConfigOption = None, as_json: JsonOption = False, output: OutputOption = Output.TABLE
+) -> None:
     """Every token: name, role, created, last used, revoked. Never the token itself."""
     settings = load_settings(config)
     factory = make_session_factory(open_database(settings))
@@ -187,6 +185,9 @@ def tokens_list(config: ConfigOption = None, as_json: JsonOption = False) -> Non
     if as_json:
         print(json.dumps(rows, indent=2))
         return
+    if output is Output.NAME:
+        print_names([row["name"] for row in rows])
+        return
     if not rows:
         console.print("no tokens: `triage-admin tokens create NAME --role ROLE` makes one")
         return
@@ -198,8 +199,8 @@ def tokens_list(config: ConfigOption = None, as_json: JsonOption = False) -> Non
             row["name"],
             row["role"],
             local_time(row["created_at"]),
-            local_time(row["last_used_at"]) if row["last_used_at"] else "never",
-            local_time(row["revoked_at"]) if row["revoked_at"] else "",
+            local_time(row["last_used_at"], none="never"),
+            local_time(row["revoked_at"], none=""),
         )
     console.print(table)
 

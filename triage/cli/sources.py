@@ -17,10 +17,13 @@ from sqlalchemy.orm import Session
 from triage.cli.common import (
     ConfigOption,
     JsonOption,
+    Output,
+    OutputOption,
     err_console,
     exit_with_error,
     load_settings,
     open_database,
+    print_names,
     reply,
 )
 from triage.config import DimseDestination
@@ -40,7 +43,9 @@ sources_app = typer.Typer(
 
 
 @sources_app.command("list")
-def sources_list(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+def sources_list(
+    config: ConfigOption = None, as_json: JsonOption = False, output: OutputOption = Output.TABLE
+) -> None:
     """Every source, with where its polling stands (a failing one says why)."""
     settings = load_settings(config)
     with session_scope(make_session_factory(open_database(settings))) as session:
@@ -66,12 +71,15 @@ def sources_list(config: ConfigOption = None, as_json: JsonOption = False) -> No
     if as_json:
         print(json.dumps(rows, indent=2))
         return
+    if output is Output.NAME:
+        print_names([str(row["name"]) for row in rows])
+        return
     if not rows:
         console.print("no sources: add one with `triage-admin sources add NAME URL`")
         return
     table = Table(title="sources")
     for column in ("name", "url", "modalities", "studies pulled", "search from", "state"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column == "name", overflow="fold")
     for row in rows:
         state = (
             f"FAILING ({row['failures']}x): {row['last_error']}"

@@ -20,6 +20,7 @@ from triage.cli.common import (
     JsonOption,
     exit_with_error,
     load_settings,
+    local_time,
     open_database,
 )
 from triage.db.session import make_session_factory, session_scope
@@ -37,15 +38,6 @@ from triage.worklist.records import (
 console = Console(highlight=False)
 
 study_app = typer.Typer(help="One study's record.", no_args_is_help=True)
-
-TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
-
-
-def local_time(iso: str | None) -> str:
-    """An ISO 8601 time from the record in the local time zone, to the second ("-": none)."""
-    if not iso:
-        return "-"
-    return datetime.fromisoformat(iso).astimezone().strftime(TIME_FORMAT)
 
 
 def _field(label: str, value: object, indent: int = 2) -> str:
