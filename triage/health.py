@@ -254,7 +254,8 @@ def destination_view(db_session: Session, settings: Settings, now: datetime) -> 
             )
     names = {d["name"] for d in theirs}
     listed = [d | {"defined_by": "configuration"} for d in theirs]
-    return DestinationView(listed + [d for d in added if d["name"] not in names], note)
+    listed += [d for d in added if d["name"] not in names]
+    return DestinationView(listed, note if listed else None)
 
 
 def destination_lines(

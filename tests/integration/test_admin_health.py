@@ -155,3 +155,4 @@ def test_status_with_the_broker_unreachable_is_unhealthy_naming_broker_url(
     assert broker["state"] == "down"
     assert "broker_url" in broker["detail"]
     assert report["queue_depth"] == {"inference": None, "dispatch": None}
+    assert "warning" not in result.stderr  # no destinations: nothing to say of them

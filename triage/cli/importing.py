@@ -330,9 +330,10 @@ def _exit(run: ImportRun, *, allow_rejects: bool, listed: str) -> None:
             message += f"; {len(run.rejected)} rejected (listed {listed})"
         exit_with_error(message)
     if run.rejected and not allow_rejects:
+        rest = "the others imported" if len(run.rejected) < run.files else "none imported"
         exit_with_error(
-            f"{len(run.rejected)} of {run.files} files rejected (listed {listed}), the others "
-            "imported: pass --allow-rejects to accept rejections with exit status 0"
+            f"{len(run.rejected)} of {run.files} files rejected (listed {listed}), {rest}: "
+            "pass --allow-rejects to accept rejections with exit status 0"
         )
 
 
