@@ -9,6 +9,6 @@ from __future__ import annotations
 
 # Importing a channel module registers it.
 from triage.notify import hl7, webhook
-from triage.notify.notifier import Notifier, Outgoing, channel, registered_channels
+from triage.notify.notifier import Notifier, Outgoing, channel, owe, registered_channels
 
-__all__ = ["Notifier", "Outgoing", "channel", "hl7", "registered_channels", "webhook"]
+__all__ = ["Notifier", "Outgoing", "channel", "hl7", "owe", "registered_channels", "webhook"]

@@ -278,6 +278,34 @@ class Notifier:
                 )
 
 
+def owe(
+    db_session: Session,
+    *,
+    channel: str,
+    study_id: int,
+    dedup_key: str,
+    payload: Mapping[str, Any],
+    now: datetime,
+) -> bool:
+    """Owe one message on ``channel``, due ``now``, unless one with ``dedup_key`` is owed
+    already (whatever its state): at most one row per key, so a pass that runs again (after a
+    crash, or on the next tick) owes nothing twice. Returns whether a row was added."""
+    exists = db_session.scalar(select(Notification.id).where(Notification.dedup_key == dedup_key))
+    if exists is not None:
+        return False
+    db_session.add(
+        Notification(
+            channel=channel,
+            study_id=study_id,
+            dedup_key=dedup_key,
+            payload=dict(payload),
+            created_at=now,
+            next_attempt_at=now,
+        )
+    )
+    return True
+
+
 def escalate_unacknowledged(db_session: Session, settings: Settings, now: datetime) -> int:
     """Critical alerts of the studies' current rounds that nobody acknowledged within
     ``alert_acknowledge_seconds`` each owe one message per escalation channel; the escalation
@@ -311,27 +339,22 @@ def escalate_unacknowledged(db_session: Session, settings: Settings, now: dateti
             continue  # a re-run since: its own alerts count
         if entry.acknowledged_at is not None and entry.acknowledged_at >= alert.created_at:
             continue
-        keys = {name: f"{name}:{study.study_uid}:{round_}" for name in channels}
-        owed = set(keys.values()) - set(
-            db_session.scalars(
-                select(Notification.dedup_key).where(Notification.dedup_key.in_(keys.values()))
-            )
-        )
-        if not owed or study.study_uid in escalated:
+        if study.study_uid in escalated:
             continue
         payload = {**alert.payload, "escalated": True, "unacknowledged_seconds": round(wait)}
-        for name, key in keys.items():
-            if key in owed:
-                db_session.add(
-                    Notification(
-                        channel=name,
-                        study_id=study.id,
-                        dedup_key=key,
-                        payload=payload,
-                        created_at=now,
-                        next_attempt_at=now,
-                    )
-                )
+        added = [  # a list, not any(...): every channel is owed its row
+            owe(
+                db_session,
+                channel=name,
+                study_id=study.id,
+                dedup_key=f"{name}:{study.study_uid}:{round_}",
+                payload=payload,
+                now=now,
+            )
+            for name in channels
+        ]
+        if not any(added):
+            continue  # escalated before (an earlier pass): nothing new owed
         reason = f"critical alert not acknowledged within {wait:g} s: escalated to " + ", ".join(
             sorted(channels)
         )

@@ -15,10 +15,10 @@ from sqlalchemy.orm import Session
 from triage.catalog import ModelDescription, usable_models
 from triage.config import Settings
 from triage.db.base import utcnow
-from triage.db.models import Finding, Job, Notification, PriorityChange, Study, WorklistEntry
+from triage.db.models import Finding, Job, PriorityChange, Study, WorklistEntry
 from triage.db.session import SessionFactory, session_scope
 from triage.domain import ModelMode, ReadingState, StudyStatus, WorkState
-from triage.notify import registered_channels
+from triage.notify import owe, registered_channels
 from triage.review import held_jobs
 from triage.worklist.policy import (
     AnalysisState,
@@ -197,19 +197,14 @@ def _owe_notifications(
         "round": study.analysis_round,
     }
     for channel in registered_channels():  # every channel module registered
-        key = f"{channel}:{study.study_uid}:{finding.model}:{study.analysis_round}"
-        exists = db_session.scalar(select(Notification.id).where(Notification.dedup_key == key))
-        if exists is None:
-            db_session.add(
-                Notification(
-                    channel=channel,
-                    study_id=study.id,
-                    dedup_key=key,
-                    payload=payload,
-                    created_at=now,
-                    next_attempt_at=now,
-                )
-            )
+        owe(
+            db_session,
+            channel=channel,
+            study_id=study.id,
+            dedup_key=f"{channel}:{study.study_uid}:{finding.model}:{study.analysis_round}",
+            payload=payload,
+            now=now,
+        )
 
 
 def expire_claims(*, db_session: Session, now: datetime) -> int:
