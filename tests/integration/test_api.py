@@ -185,3 +185,25 @@ def test_study_record(client: TestClient, factory: SessionFactory, seeded: None)
     assert change["old_tier"] is None
     assert client.get("/api/studies/9.9.9", headers=headers).status_code == 404
     assert client.get("/api/openapi.json").status_code == 200
+
+
+def test_pages_and_their_shared_files_need_no_token(client: TestClient) -> None:
+    for path in ("/", "/admin"):
+        page = client.get(path)
+        assert page.status_code == 200
+        assert page.headers["content-type"].startswith("text/html")
+        assert '<link rel="stylesheet" href="/static/common.css">' in page.text
+        assert '<script src="/static/common.js"></script>' in page.text
+    for name, media_type, sample in (
+        ("common.css", "text/css", ".signin"),
+        ("common.js", "text/javascript", "async function api("),
+    ):
+        shared = client.get(f"/static/{name}")
+        assert shared.status_code == 200
+        assert shared.headers["content-type"] == f"{media_type}; charset=utf-8"
+        assert shared.headers["cache-control"] == "no-store"
+        assert shared.headers["x-content-type-options"] == "nosniff"
+        assert sample in shared.text
+    # Only the shared files: not the pages, not other files, not a way out of the folder.
+    for path in ("/static/unknown.js", "/static/worklist.html", "/static/..%2Fapp.py"):
+        assert client.get(path).status_code == 404

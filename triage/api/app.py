@@ -7,7 +7,7 @@ from collections.abc import Callable
 from importlib.resources import files
 from typing import Any
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, HTTPException, Response
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy import text
@@ -27,6 +27,10 @@ from triage.health_metrics import HealthCollector
 from triage.ingest.pipeline import Ingestor
 from triage.monitoring import ModelStatsCollector
 from triage.storage.spool import Spool
+
+# The files under static/ that both pages load, with their media types; /static/ serves these
+# and nothing else (not the pages themselves, which have their own routes).
+SHARED_STATIC = {"common.css": "text/css", "common.js": "text/javascript"}
 
 
 def create_app(
@@ -106,5 +110,18 @@ def create_app(
         """The administrators' page: model monitoring and drift alarms (admin token)."""
         page = static.joinpath("admin.html").read_text()
         return HTMLResponse(page, headers={"Cache-Control": "no-store"})
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def shared_static(name: str) -> Response:
+        """The style sheet and script both pages share. Like the pages, they need no token and
+        are not kept in caches, so a page and its shared code always come from the same release."""
+        media_type = SHARED_STATIC.get(name)
+        if media_type is None:
+            raise HTTPException(status_code=404)
+        return Response(
+            static.joinpath(name).read_bytes(),
+            media_type=media_type,
+            headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"},
+        )
 
     return app
