@@ -18,7 +18,7 @@ import httpx
 import pytest
 from PIL import Image, ImageDraw
 from pydicom import dcmread
-from selenium.common.exceptions import NoAlertPresentException
+from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -287,6 +287,20 @@ def tab_to(driver: WebDriver, condition: Any, what: str, limit: int = 60) -> Non
 
 def wait_until(driver: WebDriver, condition: Any, message: str, timeout: float = WAIT_S) -> Any:
     return WebDriverWait(driver, timeout, poll_frequency=0.2).until(condition, message)
+
+
+def click(driver: WebDriver, css: str, message: str) -> None:
+    """Click the element at ``css``, finding it again when a live update redrew it between
+    finding and clicking (the worklist re-renders its rows on every change)."""
+
+    def clicked(d: WebDriver) -> bool:
+        try:
+            d.find_element(By.CSS_SELECTOR, css).click()
+        except StaleElementReferenceException:
+            return False
+        return True
+
+    wait_until(driver, clicked, message)
 
 
 def assert_no_alert(driver: WebDriver) -> None:

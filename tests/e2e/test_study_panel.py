@@ -27,6 +27,7 @@ from tests.e2e.support import (
     Server,
     add_run,
     assert_no_alert,
+    click,
     console_errors,
     focused,
     row_of,
@@ -294,9 +295,9 @@ def test_study_panel_feedback_and_acknowledgment(
     wait_until(driver, lambda d: not panel(d)["open"], "the panel does not close")
 
     # The study-level score, by mouse this time, and "AI missed something" (no finding).
-    driver.find_element(
-        By.CSS_SELECTOR, f'#rows tr[data-uid="{positive.study_uid}"] button.thumb'
-    ).click()
+    click(
+        driver, f'#rows tr[data-uid="{positive.study_uid}"] button.thumb', "no thumbnail to click"
+    )
     wait_until(driver, lambda d: panel(d)["open"] and panel(d)["loaded"], "no panel by mouse")
     driver.find_element(
         By.CSS_SELECTOR, f'#panel input[name="verdict-{score_id}"][value="agree"]'
@@ -318,9 +319,11 @@ def test_study_panel_feedback_and_acknowledgment(
 
     # Acknowledge the critical alert from the row.
     assert server.study(positive.study_uid)["worklist"]["acknowledged_by"] is None
-    driver.find_element(
-        By.CSS_SELECTOR, f'#rows tr[data-uid="{positive.study_uid}"] [data-action="acknowledge"]'
-    ).click()
+    click(
+        driver,
+        f'#rows tr[data-uid="{positive.study_uid}"] [data-action="acknowledge"]',
+        "no acknowledge button to click",
+    )
     wait_until(
         driver,
         lambda d: server.study(positive.study_uid)["worklist"]["acknowledged_by"] == READER,
@@ -338,9 +341,7 @@ def test_study_panel_feedback_and_acknowledgment(
     )
 
     # A run held for review: approve it in the panel; its alert then asks to be acknowledged.
-    driver.find_element(
-        By.CSS_SELECTOR, f'#rows tr[data-uid="{held.study_uid}"] button.open-study'
-    ).click()
+    click(driver, f'#rows tr[data-uid="{held.study_uid}"] button.open-study', "no study to open")
     wait_until(driver, lambda d: panel(d)["open"] and panel(d)["loaded"], "no panel (held)")
     state = panel(driver)
     assert "Held for review" in state["text"]
@@ -453,7 +454,7 @@ def test_worklist_fits_a_reading_station(
         assert button.is_displayed()
     screenshot(driver, shots, "layout-800x900.png")
     # The study panel takes the whole width there, and closes back onto the row.
-    driver.find_element(By.CSS_SELECTOR, "#rows > tr:first-child button.open-study").click()
+    click(driver, "#rows > tr:first-child button.open-study", "no first study to open")
     wait_until(driver, lambda d: panel(d)["open"] and panel(d)["loaded"], "no panel at 800 px")
     box = driver.execute_script("return document.getElementById('panel').getBoundingClientRect();")
     assert box["left"] >= 0
