@@ -9,6 +9,14 @@ from __future__ import annotations
 import enum
 
 
+class IndexOutcome(enum.StrEnum):
+    """What indexing a received instance did."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"  # identical content already held: nothing added
+    NEW_VERSION = "new-version"  # same SOP Instance UID, other content: kept beside the old
+
+
 class StudyStatus(enum.StrEnum):
     RECEIVING = "receiving"
     COMPLETE = "complete"

@@ -19,8 +19,7 @@ from triage.db.prepared import Prepared
 from triage.db.session import session_scope
 from triage.dicom.header import data_set_offset
 from triage.dicom.part10 import file_meta
-from triage.domain import InstanceState, StudyStatus
-from triage.ingest.index import IndexOutcome
+from triage.domain import IndexOutcome, InstanceState, StudyStatus
 from triage.storage.spool import content_digest
 
 

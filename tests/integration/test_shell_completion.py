@@ -187,3 +187,16 @@ def test_the_scripts_name_their_program_and_shell(
         env=env, capture_output=True, text=True, check=False, timeout=60,
     )  # fmt: skip
     assert wrong.returncode == 2
+
+
+@pytest.mark.parametrize("program", ["triage.cli.admin", "triage.cli.main"])
+def test_completing_loads_no_dicom_or_model_libraries(program: str) -> None:
+    """Each Tab imports the command line: the DICOM toolkits and torch wait for a command that
+    needs them, so completion answers without their half second."""
+    heavy = ["pydicom", "pynetdicom", "torch", "highdicom"]
+    probe = f"import sys, {program}; print([m for m in {heavy!r} if m in sys.modules])"
+    loaded = subprocess.run(
+        [str(VENV_BIN / "python"), "-c", probe],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    assert loaded.stdout.strip() == "[]"

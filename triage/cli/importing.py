@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from prometheus_client import CollectorRegistry
@@ -63,13 +63,12 @@ from triage.cli.common import (
 from triage.config import Settings
 from triage.db.base import utcnow
 from triage.db.session import create_db_engine
+from triage.domain import IndexOutcome
 from triage.errors import DicomInputError, OutOfResourcesError
 from triage.health import running_beat
-from triage.ingest.index import IndexOutcome
-from triage.ingest.pipeline import Ingestor
-from triage.ingest.sources import import_sources
-from triage.metrics import IngestMetrics
-from triage.storage.spool import Spool
+
+if TYPE_CHECKING:
+    from triage.ingest.pipeline import Ingestor
 
 console = Console(highlight=False)
 
@@ -167,6 +166,8 @@ def import_files(
     allow_rejects: AllowRejectsOption = False,
 ) -> None:
     """Ingest the files under ``path``; the command's help is ``HELP``."""
+    from triage.ingest.sources import import_sources  # pydicom: not for --help or completion
+
     settings = load_settings(config)
     files = list(import_sources(path))
     if not files:
@@ -200,6 +201,10 @@ def _import_all(
     settings: Settings, files: list[Path], run: ImportRun, *, show_progress: bool
 ) -> None:
     """Ingest ``files`` in order, counting in ``run``, until the last or Ctrl-C."""
+    from triage.ingest.pipeline import Ingestor
+    from triage.metrics import IngestMetrics
+    from triage.storage.spool import Spool
+
     engine = create_db_engine(settings.database_url, rebuildable=True)
     ingestor = Ingestor(
         spool=Spool.for_settings(settings),

@@ -33,7 +33,6 @@ from triage.db.session import create_db_engine, make_session_factory, session_sc
 from triage.destinations import parse_destination
 from triage.domain import PeerKind
 from triage.health import running_beat
-from triage.results.senders.stow import redacted_url
 
 console = Console(highlight=False)
 sources_app = typer.Typer(
@@ -47,6 +46,8 @@ def sources_list(
     config: ConfigOption = None, as_json: JsonOption = False, output: OutputOption = Output.TABLE
 ) -> None:
     """Every source, with where its polling stands (a failing one says why)."""
+    from triage.results.senders.stow import redacted_url  # pynetdicom: not for completion
+
     settings = load_settings(config)
     with session_scope(make_session_factory(open_database(settings))) as session:
         rows = [
@@ -146,6 +147,8 @@ def sources_add(
         options["username"] = username
         options["password"] = password or ""
     start = since or f"{utcnow() - timedelta(days=settings.pull_lookback_days):%Y%m%d}"
+    from triage.results.senders.stow import redacted_url  # pynetdicom: not for completion
+
     with session_scope(make_session_factory(open_database(settings))) as session:
         if session.scalar(select(Source.id).where(Source.name == name)) is not None:
             exit_with_error(f"a source named {name} exists; remove it first")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,19 +14,11 @@ from triage.audit import add_event
 from triage.db.models import Instance, Series, Study
 from triage.db.prepared import Prepared
 from triage.dicom.header import InstanceHeader
-from triage.domain import InstanceState, StudyStatus
+from triage.domain import IndexOutcome, InstanceState, StudyStatus
 from triage.storage.spool import SpooledFile
 
 SameContent = Callable[[str], bool]
 """Whether the spool file with this id holds the data set of the instance being indexed."""
-
-
-class IndexOutcome(enum.StrEnum):
-    """What indexing a received instance did."""
-
-    STORED = "stored"
-    DUPLICATE = "duplicate"  # identical content already held: nothing added
-    NEW_VERSION = "new-version"  # same SOP Instance UID, other content: kept beside the old
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,9 @@ from sqlalchemy.orm import configure_mappers
 
 from triage.db.base import utcnow
 from triage.dicom.header import Bytes, InstanceHeader, data_set_offset, parse_header
+from triage.domain import IndexOutcome
 from triage.errors import DatasetMismatchError, OutOfResourcesError
-from triage.ingest.index import IndexOutcome, IndexResult, SameContent, index_instance
+from triage.ingest.index import IndexResult, SameContent, index_instance
 from triage.metrics import IngestMetrics
 from triage.storage.spool import IncomingFile, Spool, SpooledFile, content_digest
 
