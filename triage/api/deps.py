@@ -44,7 +44,7 @@ class ApiCaller:
     role: TokenRole
 
 
-def _credentials(request: Request) -> tuple[str | None, str | None]:
+def credentials(request: Request) -> tuple[str | None, str | None]:
     """(token, the user name it came with) from ``Authorization``: Bearer, or Basic for
     archives that only do Basic (the token's name as user, the token as password)."""
     scheme, _, value = request.headers.get("authorization", "").partition(" ")
@@ -60,8 +60,10 @@ def _credentials(request: Request) -> tuple[str | None, str | None]:
     return None, None
 
 
-def _authenticate(request: Request) -> ApiCaller:
-    token, user = _credentials(request)
+def authenticate(request: Request) -> ApiCaller:
+    """The caller whose live token the request carries; 401 otherwise. Raises SQLAlchemyError
+    when the database cannot be read (``metrics_auth`` answers a scrape then)."""
+    token, user = credentials(request)
     if token is None and request.url.path == EVENTS_PATH:
         token = request.query_params.get("token")  # EventSource cannot send headers
     challenge = {"WWW-Authenticate": 'Bearer, Basic realm="triage"'}
@@ -83,7 +85,7 @@ def _authenticate(request: Request) -> ApiCaller:
 def require(*roles: TokenRole) -> Callable[..., ApiCaller]:
     """A dependency admitting callers whose token has one of ``roles``."""
 
-    def check(caller: Annotated[ApiCaller, Depends(_authenticate)]) -> ApiCaller:
+    def check(caller: Annotated[ApiCaller, Depends(authenticate)]) -> ApiCaller:
         if caller.role not in roles:
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"needs role {' or '.join(roles)}")
         return caller

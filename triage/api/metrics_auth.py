@@ -17,7 +17,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 from sqlalchemy.exc import SQLAlchemyError
 
-from triage.api.deps import ApiCaller, _authenticate, _credentials
+from triage.api.deps import ApiCaller, authenticate, credentials
 from triage.domain import TokenRole
 
 REMEMBER_SECONDS = 3600.0
@@ -54,9 +54,9 @@ class RecentTokens:
 
 def _metrics_caller(request: Request) -> ApiCaller:
     recent: RecentTokens = request.app.state.metrics_tokens
-    token, user = _credentials(request)
+    token, user = credentials(request)
     try:
-        caller = _authenticate(request)
+        caller = authenticate(request)
     except SQLAlchemyError as exc:
         caller_then = recent.recall(token) if token else None
         if caller_then is None or (user is not None and user != caller_then.name):
