@@ -10,12 +10,11 @@ import json
 import os
 import subprocess
 import sys
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -31,13 +30,14 @@ from triage.cli.common import (
     add_version_option,
     database_exists,
     database_location,
-    err_console,
     exit_with_error,
     load_settings,
     local_time,
     open_database,
+    open_sessions,
     print_names,
     reply,
+    warn,
 )
 from triage.config import Settings
 from triage.db import migrate
@@ -74,21 +74,17 @@ app.add_typer(db_app, name="db")
 console = Console(highlight=False)
 
 
-def _engine(config: Any) -> Engine:
-    settings = load_settings(config)
-    return create_db_engine(settings.database_url)
-
-
 @db_app.command("upgrade")
 def db_upgrade(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Create or upgrade the database schema to this version of triage. Safe to run again."""
-    engine = _engine(config)
+    settings = load_settings(config)
+    engine = create_db_engine(settings.database_url)
     try:
         before = migrate.current_revision(engine)
         migrate.upgrade(engine)
         after = migrate.current_revision(engine)
     except OperationalError as exc:
-        exit_with_error(f"cannot reach the {database_location(load_settings(config))}: {exc.orig}")
+        exit_with_error(f"cannot reach the {database_location(settings)}: {exc.orig}")
     if as_json:
         print(json.dumps({"before": before, "after": after, "upgraded": before != after}))
         return
@@ -152,7 +148,7 @@ def _print_health(health: Health) -> None:
             )
         console.print(destinations)
     if health.destination_note:
-        err_console.print(f"[yellow]warning:[/] {health.destination_note}", soft_wrap=True)
+        warn(health.destination_note)
 
 
 def _print_status(report: StatusReport) -> None:
@@ -218,10 +214,9 @@ def models_list(
             for status in statuses:
                 status["mode"] = str(mode_for(s, status["name"], status["version"] or ""))
     except (SQLAlchemyError, FileNotFoundError) as exc:
-        err_console.print(
-            f"[yellow]warning:[/] modes unknown: cannot read the {database_location(settings)} "
+        warn(
+            f"modes unknown: cannot read the {database_location(settings)} "
             f"({type(exc).__name__}); run `triage-admin db upgrade`",
-            soft_wrap=True,
         )
         for status in statuses:
             status["mode"] = None
@@ -261,7 +256,7 @@ def reprocess(
 
     Warns when no worker consumes the inference queue: the jobs then wait for one."""
     settings = load_settings(config)
-    factory = make_session_factory(open_database(settings))
+    factory = open_sessions(settings)
     try:
         job_ids = reprocess_by_uid(
             settings=settings,
@@ -288,11 +283,10 @@ def _send(settings: Settings, *, jobs: list[int], deliveries: list[int]) -> int:
     sent += sum(sender.dispatch_result(delivery_id) for delivery_id in deliveries)
     sender.close()
     if sent < len(jobs) + len(deliveries):
-        err_console.print(
-            f"[yellow]warning:[/] the broker took {sent} of {len(jobs) + len(deliveries)} "
+        warn(
+            f"the broker took {sent} of {len(jobs) + len(deliveries)} "
             "task(s): the rest stay queued in the database and triage serve sends them again "
             "once the broker answers (`triage-admin status` shows the broker)",
-            soft_wrap=True,
         )
     return sent
 
@@ -301,7 +295,7 @@ def _warn_unattended(factory: SessionFactory, queues: list[str]) -> None:
     with session_scope(factory) as session:
         warnings = [nobody_consumes(session, queue, utcnow()) for queue in queues]
     for warning in filter(None, warnings):
-        err_console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+        warn(warning)
 
 
 failures_app = typer.Typer(help="Failed jobs and deliveries.", no_args_is_help=True)
@@ -323,7 +317,7 @@ def failures_list(config: ConfigOption = None, as_json: JsonOption = False) -> N
     "permanent" marks one that failed before its last attempt, with an error that retrying
     does not fix: mend the cause (the study, the model, the destination) before a retry."""
     settings = load_settings(config)
-    with session_scope(make_session_factory(open_database(settings))) as session:
+    with session_scope(open_sessions(settings)) as session:
         failures = _failures(session, settings)
     if as_json:
         rows = [
@@ -365,7 +359,7 @@ def failures_retry(
     settings = load_settings(config)
     if not (job or delivery or retry_all):
         exit_with_error("name --job ID, --delivery ID or --all")
-    factory = make_session_factory(open_database(settings))
+    factory = open_sessions(settings)
     with session_scope(factory) as session:
         failures = _failures(session, settings)
         if retry_all:
@@ -386,11 +380,10 @@ def failures_retry(
     retried = {("job", i) for i in jobs} | {("delivery", i) for i in deliveries}
     permanent = [f for f in failures if f.permanent and (f.kind, f.id) in retried]
     for f in permanent:
-        err_console.print(
-            f"[yellow]warning:[/] {f.kind} {f.id} failed on attempt {f.attempts} of "
+        warn(
+            f"{f.kind} {f.id} failed on attempt {f.attempts} of "
             f"{f.max_attempts} with an error that retrying does not fix ({f.reason[:200]}): "
             "it will fail again unless that was mended",
-            soft_wrap=True,
         )
     sent = _send(settings, jobs=jobs, deliveries=deliveries)
     queues = [INFERENCE_QUEUE] * bool(jobs) + [DISPATCH_QUEUE] * bool(deliveries)

@@ -17,7 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from triage import __version__
 from triage.config import Settings, unknown_environment
 from triage.db import migrate
-from triage.db.session import create_db_engine
+from triage.db.session import SessionFactory, create_db_engine, make_session_factory
 from triage.errors import ConfigError
 from triage.logs import configure_logging
 
@@ -83,6 +83,11 @@ def reply(as_json: bool, data: Any, text: str) -> None:
         Console(highlight=False).print(text, soft_wrap=True)
 
 
+def warn(message: str) -> None:
+    """One yellow ``warning:`` line on stderr: the command goes on."""
+    err_console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+
+
 def exit_with_error(message: str, code: int = 1) -> NoReturn:
     err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     raise typer.Exit(code)
@@ -99,7 +104,7 @@ def load_settings(config: Path | None) -> Settings:
         exit_with_error(str(exc), EXIT_CONFIG)
     configure_logging(settings.log_level)
     for warning in unknown_environment():
-        err_console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+        warn(warning)
     _loaded[:] = [settings]
     return settings
 
@@ -173,6 +178,11 @@ def open_database(settings: Settings) -> Engine:
             "run `triage-admin db upgrade`"
         )
     return engine
+
+
+def open_sessions(settings: Settings) -> SessionFactory:
+    """Sessions on the configured database, checked as ``open_database`` checks it."""
+    return make_session_factory(open_database(settings))
 
 
 def _reason(exc: BaseException) -> str:

@@ -20,18 +20,18 @@ from triage.cli.common import (
     JsonOption,
     Output,
     OutputOption,
-    err_console,
     exit_with_error,
     load_settings,
     local_time,
-    open_database,
+    open_sessions,
     print_names,
     reply,
+    warn,
 )
-from triage.config import DimseDestination, Settings
+from triage.config import DimseDestination
 from triage.db.base import utcnow
 from triage.db.models import Peer
-from triage.db.session import SessionFactory, make_session_factory, session_scope
+from triage.db.session import session_scope
 from triage.destinations import describe_destination, destinations, parse_destination, target
 from triage.domain import PeerKind
 from triage.errors import DestinationUnavailableError
@@ -47,10 +47,6 @@ destinations_app = typer.Typer(
 )
 
 
-def _factory(settings: Settings) -> SessionFactory:
-    return make_session_factory(open_database(settings))
-
-
 @destinations_app.command("list")
 def destinations_list(
     config: ConfigOption = None, as_json: JsonOption = False, output: OutputOption = Output.TABLE
@@ -62,7 +58,7 @@ def destinations_list(
     running, or this configuration differs from its, a warning says so."""
     settings = load_settings(config)
     now = utcnow()
-    with session_scope(_factory(settings)) as session:
+    with session_scope(open_sessions(settings)) as session:
         view = destination_view(session, settings, now)
         lines = {
             line.name: line
@@ -83,7 +79,7 @@ def destinations_list(
             }
         )
     if view.note:
-        err_console.print(f"[yellow]warning:[/] {view.note}", soft_wrap=True)
+        warn(view.note)
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -163,7 +159,7 @@ def destinations_add(
         exit_with_error(f"{address!r}: {exc.errors()[0]['msg']}")
     if name in {d.name for d in settings.destinations}:
         exit_with_error(f"a destination named {name} is in the configuration; choose another name")
-    with session_scope(_factory(settings)) as session:
+    with session_scope(open_sessions(settings)) as session:
         if session.scalar(select(Peer.id).where(Peer.name == name)) is not None:
             exit_with_error(f"a destination named {name} exists; remove it first")
         if isinstance(destination, DimseDestination):
@@ -196,7 +192,7 @@ def destinations_remove(
     settings = load_settings(config)
     if name in {d.name for d in settings.destinations}:
         exit_with_error(f"{name} is defined in the configuration; remove it there")
-    with session_scope(_factory(settings)) as session:
+    with session_scope(open_sessions(settings)) as session:
         peer = session.scalar(select(Peer).where(Peer.name == name))
         if peer is None:
             exit_with_error(f"no destination named {name} (`triage-admin destinations list`)")
@@ -214,7 +210,7 @@ def destinations_echo(
 
     Exit status 1 when it does not, with the reason."""
     settings = load_settings(config)
-    with session_scope(_factory(settings)) as session:
+    with session_scope(open_sessions(settings)) as session:
         destination = destinations(settings, db_session=session).get(name)
     if destination is None:
         exit_with_error(f"no destination named {name} (`triage-admin destinations list`)")

@@ -59,6 +59,7 @@ from triage.cli.common import (
     exit_with_error,
     load_settings,
     open_database,
+    warn,
 )
 from triage.config import Settings
 from triage.db.base import utcnow
@@ -190,10 +191,9 @@ def import_files(
 def _warn_unless_serving(settings: Settings) -> None:
     """Imported studies are analysed by `triage serve`: say when it is not running."""
     if running_beat(settings, utcnow()) is None:
-        err_console.print(
-            f"[yellow]warning:[/] triage serve is not running (data directory "
+        warn(
+            f"triage serve is not running (data directory "
             f"{settings.data_dir}): the imported studies will be analysed when it starts",
-            soft_wrap=True,
         )
 
 
@@ -296,10 +296,8 @@ def _record_rejections(engine: Engine, rejected: list[Rejected]) -> None:
                     protocol="import",
                 )
     except SQLAlchemyError as exc:
-        err_console.print(
-            f"[yellow]warning:[/] the rejections are not recorded for `triage-admin status`: "
-            f"{type(exc).__name__}",
-            soft_wrap=True,
+        warn(
+            f"the rejections are not recorded for `triage-admin status`: {type(exc).__name__}",
         )
 
 

@@ -20,10 +20,10 @@ from triage.cli.common import (
     JsonOption,
     exit_with_error,
     load_settings,
-    open_database,
+    open_sessions,
 )
 from triage.db.models import Job
-from triage.db.session import make_session_factory, session_scope
+from triage.db.session import session_scope
 from triage.domain import ModelMode
 from triage.feedback import list_feedback
 from triage.modes import set_mode
@@ -49,7 +49,7 @@ def models_mode(
     for an approval. clinical: everything at once (the default). Applies to runs from now on
     (`reprocess` runs a study again); audited."""
     settings = load_settings(config)
-    factory = make_session_factory(open_database(settings))
+    factory = open_sessions(settings)
     with session_scope(factory) as session:
         known = set(usable_models(settings)) | set(
             session.scalars(select(Job.model_name).distinct())
@@ -93,7 +93,7 @@ def models_stats(
     estimate, failures, median run time, and score drift (PSI against the model's reference;
     ALARM above drift_psi_threshold). Exits 3 while any version is in drift alarm."""
     settings = load_settings(config)
-    factory = make_session_factory(open_database(settings))
+    factory = open_sessions(settings)
     with session_scope(factory) as session:
         stats = model_stats(session, settings, days=days)
     alarm = any(item.drift is not None and item.drift.alarm for item in stats)
@@ -169,7 +169,7 @@ def feedback_export(
     if as_json and as_csv:
         exit_with_error("choose --json or --csv, not both", 2)
     settings = load_settings(config)
-    factory = make_session_factory(open_database(settings))
+    factory = open_sessions(settings)
     with session_scope(factory) as session:
         rows: list[dict[str, Any]] = [
             {

@@ -19,13 +19,13 @@ from triage.cli.common import (
     exit_with_error,
     load_settings,
     local_time,
-    open_database,
+    open_sessions,
     print_names,
     reply,
 )
 from triage.db.base import utcnow
 from triage.db.models import ApiToken
-from triage.db.session import make_session_factory, session_scope
+from triage.db.session import session_scope
 from triage.domain import TokenRole
 from triage.worklist.queries import worklist
 from triage.worklist.records import WorklistRow
@@ -84,7 +84,7 @@ def worklist_command(
 ) -> None:
     """The reading worklist in the same order as the web page: most urgent first."""
     settings = load_settings(config)
-    factory = make_session_factory(open_database(settings))
+    factory = open_sessions(settings)
     with session_scope(factory) as session:
         items = worklist(db_session=session, limit=limit)
     now = utcnow()
@@ -152,7 +152,7 @@ def tokens_create(
 ) -> None:
     """Create a token and print it once, alone on the last line; only its hash is kept."""
     settings = load_settings(config)
-    factory = make_session_factory(open_database(settings))
+    factory = open_sessions(settings)
     try:
         with session_scope(factory) as session:
             token = create_token(db_session=session, name=name, role=role)
@@ -170,7 +170,7 @@ def tokens_list(
 ) -> None:
     """Every token: name, role, created, last used, revoked. Never the token itself."""
     settings = load_settings(config)
-    factory = make_session_factory(open_database(settings))
+    factory = open_sessions(settings)
     with session_scope(factory) as session:
         rows: list[dict[str, Any]] = [
             {
@@ -213,7 +213,7 @@ def tokens_revoke(
 ) -> None:
     """Revoke a token at once."""
     settings = load_settings(config)
-    factory = make_session_factory(open_database(settings))
+    factory = open_sessions(settings)
     with session_scope(factory) as session:
         if not revoke_token(db_session=session, name=name):
             exit_with_error(f"no live token named {name} (`triage-admin tokens list`)")

@@ -19,17 +19,17 @@ from triage.cli.common import (
     JsonOption,
     Output,
     OutputOption,
-    err_console,
     exit_with_error,
     load_settings,
-    open_database,
+    open_sessions,
     print_names,
     reply,
+    warn,
 )
 from triage.config import DimseDestination
 from triage.db.base import utcnow
 from triage.db.models import PulledStudy, Source
-from triage.db.session import create_db_engine, make_session_factory, session_scope
+from triage.db.session import create_db_engine, session_scope
 from triage.destinations import parse_destination
 from triage.domain import PeerKind
 from triage.health import running_beat
@@ -49,7 +49,7 @@ def sources_list(
     from triage.results.senders.stow import redacted_url  # pynetdicom: not for completion
 
     settings = load_settings(config)
-    with session_scope(make_session_factory(open_database(settings))) as session:
+    with session_scope(open_sessions(settings)) as session:
         rows = [
             {
                 "name": source.name,
@@ -149,7 +149,7 @@ def sources_add(
     start = since or f"{utcnow() - timedelta(days=settings.pull_lookback_days):%Y%m%d}"
     from triage.results.senders.stow import redacted_url  # pynetdicom: not for completion
 
-    with session_scope(make_session_factory(open_database(settings))) as session:
+    with session_scope(open_sessions(settings)) as session:
         if session.scalar(select(Source.id).where(Source.name == name)) is not None:
             exit_with_error(f"a source named {name} exists; remove it first")
         source = Source(
@@ -186,7 +186,7 @@ def sources_remove(
 ) -> None:
     """Stop polling an archive (what was retrieved from it stays)."""
     settings = load_settings(config)
-    with session_scope(make_session_factory(open_database(settings))) as session:
+    with session_scope(open_sessions(settings)) as session:
         source = session.scalar(select(Source).where(Source.name == name))
         if source is None:
             exit_with_error(f"no source named {name} (`triage-admin sources list`)")
@@ -210,7 +210,7 @@ def sources_poll(
     from triage.storage.spool import Spool
 
     settings = load_settings(config)
-    factory = make_session_factory(open_database(settings))
+    factory = open_sessions(settings)
     with session_scope(factory) as session:
         source_id = session.scalar(select(Source.id).where(Source.name == name))
     if source_id is None:
@@ -233,10 +233,9 @@ def sources_poll(
             + (f"; FAILED: {report.error}" if report.error else "")
         )
     if report.pulled and running_beat(settings, utcnow()) is None:
-        err_console.print(
-            "[yellow]warning:[/] triage serve is not running: the studies retrieved complete "
+        warn(
+            "triage serve is not running: the studies retrieved complete "
             "and are analysed once it runs",
-            soft_wrap=True,
         )
     if report.error:
         raise typer.Exit(1)

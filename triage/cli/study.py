@@ -21,9 +21,9 @@ from triage.cli.common import (
     exit_with_error,
     load_settings,
     local_time,
-    open_database,
+    open_sessions,
 )
-from triage.db.session import make_session_factory, session_scope
+from triage.db.session import session_scope
 from triage.worklist.queries import study_record
 from triage.worklist.records import (
     DeliveryRecord,
@@ -179,7 +179,7 @@ def study_show(
     """Status and worklist place, series, jobs and findings, result objects, deliveries (with
     their last error), priority history and feedback of a study; times in the local time zone."""
     settings = load_settings(config)
-    factory = make_session_factory(open_database(settings))
+    factory = open_sessions(settings)
     with session_scope(factory) as session:
         record = study_record(db_session=session, study_uid=study_uid)
     if record is None:
